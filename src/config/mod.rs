@@ -1,0 +1,1144 @@
+//! The configuration: one YAML file of clients, parsed, validated and resolved into plain types
+//! that cannot hold an invalid value.
+//!
+//! Every error names the file, line and column and the path of the offending key. Checks that can
+//! be made on one value run while serde_yaml reads it (see `values`), so its position is exact;
+//! checks across values run afterwards and find their position with `locate`. Loading has no side
+//! effects besides reading the config and secret files: applying a config is `registry`'s job.
+
+pub mod locate;
+pub mod values;
+
+use crate::provider::{self, ClientAuth, PkceMode, Profile, ProfileSpec};
+use crate::secret::Secret;
+use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use url::Url;
+pub use values::BeforeExpiry;
+use values::{Command, CronExpr, Dur, FileMode, NonEmpty, Percent};
+
+/// A configuration that cannot be used, with where and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// Line and column, 1-based, when the error belongs to a place in the file.
+    pub position: Option<(usize, usize)>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some((line, column)) => write!(
+                f,
+                "{}:{line}:{column}: {}",
+                self.file.display(),
+                self.message
+            ),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The resolved configuration.
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was loaded from (absolute).
+    pub file: PathBuf,
+    pub paths: Paths,
+    pub socket: SocketAccess,
+    /// A tracing filter (`info`, `oauth2mci=debug`); `OAUTH2MCI_LOG` wins over it.
+    pub log_level: Option<String>,
+    pub notify: NotifyConfig,
+    pub history: HistoryConfig,
+    pub limits: Limits,
+    pub clients: BTreeMap<String, Arc<ClientConfig>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Paths {
+    /// Holds `state.db`.
+    pub state_dir: PathBuf,
+    /// Holds the socket and relative token files.
+    pub runtime_dir: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Paths {
+    pub fn database(&self) -> PathBuf {
+        self.state_dir.join("state.db")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SocketAccess {
+    pub mode: u32,
+    pub group: Option<Group>,
+}
+
+/// A Unix group named in the config, resolved once at load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct NotifyConfig {
+    pub on_reauth_needed: Option<Vec<String>>,
+    pub on_error: Option<Vec<String>>,
+    pub on_refresh: Option<Vec<String>>,
+    pub on_warning: Option<Vec<String>>,
+    /// A hook still running after this is killed.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryConfig {
+    /// Events older than this are pruned.
+    pub retention: Duration,
+    /// Tokens of clients removed from the config are forgotten after this.
+    pub keep_removed: Duration,
+    /// When pruning runs (6-field cron).
+    pub prune_schedule: CronExpr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Grant requests in flight at once to one token endpoint.
+    pub per_endpoint_concurrency: usize,
+    /// Total time allowed for one request to an authorization server.
+    pub request_timeout: Duration,
+    /// Socket connections served at once; more wait to be accepted.
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grant {
+    /// A user authorizes once in a browser; refresh tokens keep it going.
+    #[default]
+    AuthorizationCode,
+    /// No user: the client's own credentials buy each token.
+    ClientCredentials,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefreshPolicy {
+    pub before_expiry: BeforeExpiry,
+    pub min_before_expiry: Duration,
+    /// Refresh at least this often, even a token that does not expire, so that inactivity never
+    /// kills a refresh token. `None`: only when the access token expires.
+    pub at_least: Option<Duration>,
+    /// Share of the lifetime by which a refresh may come earlier, spreading expiry waves.
+    pub jitter: f64,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkFormat {
+    /// The access token alone.
+    #[default]
+    Raw,
+    /// `Authorization: Bearer …`, for `curl -H @file`.
+    Header,
+    /// access_token, token_type, expires_at, scope.
+    Json,
+    /// `NAME_ACCESS_TOKEN=…`, for shell `source` and systemd `EnvironmentFile=`.
+    Env,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkConfig {
+    pub path: PathBuf,
+    pub format: SinkFormat,
+    pub mode: u32,
+    pub group: Option<Group>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoints {
+    pub authorize: Option<Url>,
+    pub token: Url,
+    pub revoke: Option<Url>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientConfig {
+    pub name: String,
+    /// `google`, `generic+custom`...: for `status`.
+    pub provider: String,
+    pub profile: Profile,
+    pub endpoints: Endpoints,
+    pub grant: Grant,
+    pub client_id: String,
+    pub client_secret: Option<Secret>,
+    pub scopes: Vec<String>,
+    /// Whether the authorization request carries a PKCE S256 challenge.
+    pub pkce: bool,
+    /// The loopback redirect URI; `None`: `http://127.0.0.1:{free port}/callback`.
+    pub redirect_uri: Option<Url>,
+    pub authorize_params: BTreeMap<String, String>,
+    /// How long an authorization waits for the browser.
+    pub authorize_timeout: Duration,
+    pub refresh: RefreshPolicy,
+    pub sinks: Vec<SinkConfig>,
+    /// A cron schedule that refreshes the token, for tokens without a known expiry.
+    pub cron: Option<CronExpr>,
+}
+
+impl ClientConfig {
+    /// The client authentication actually used: a profile's `basic`/`post` needs a secret, and a
+    /// client without one is public.
+    pub fn client_auth(&self) -> ClientAuth {
+        match self.client_secret {
+            None => ClientAuth::None,
+            Some(_) => self.profile.client_auth,
+        }
+    }
+
+    /// Identifies the grant that tokens were issued under. Tokens obtained under another
+    /// fingerprint are stale: a changed client id, token endpoint, scope set or grant needs a
+    /// new authorization.
+    pub fn fingerprint(&self) -> String {
+        let mut scopes = self.scopes.clone();
+        scopes.sort();
+        let mut h = Sha256::new();
+        for part in [
+            &self.client_id,
+            self.endpoints.token.as_str(),
+            &scopes.join(" "),
+        ] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        h.update(format!("{:?}", self.grant).as_bytes());
+        hex::encode(&h.finalize()[..8])
+    }
+
+    /// Whether a change from `old` to `self` leaves existing tokens usable.
+    pub fn same_identity(&self, old: &ClientConfig) -> bool {
+        self.fingerprint() == old.fingerprint()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file as written.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    paths: RawPaths,
+    #[serde(default)]
+    refresh: RawRefresh,
+    #[serde(default)]
+    notify: RawNotify,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    socket: RawSocket,
+    #[serde(default)]
+    history: RawHistory,
+    #[serde(default)]
+    limits: RawLimits,
+    clients: ClientMap,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPaths {
+    state: Option<NonEmpty>,
+    runtime: Option<NonEmpty>,
+    socket: Option<NonEmpty>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawRefresh {
+    before_expiry: Option<BeforeExpiry>,
+    min_before_expiry: Option<Dur>,
+    at_least: Option<AtLeast>,
+    jitter: Option<Percent>,
+    retry: Option<RawRetry>,
+}
+
+/// `at_least: 24h`, or `at_least: never`.
+#[derive(Clone, Copy)]
+struct AtLeast(Option<Duration>);
+
+impl<'de> Deserialize<'de> for AtLeast {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = AtLeast;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration like 24h, or never")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<AtLeast, E> {
+                if s.trim() == "never" {
+                    return Ok(AtLeast(None));
+                }
+                values::parse_duration(s)
+                    .map(|d| AtLeast(Some(d)))
+                    .map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    initial: Option<Dur>,
+    max: Option<Dur>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    on_reauth_needed: Option<Command>,
+    on_error: Option<Command>,
+    on_refresh: Option<Command>,
+    on_warning: Option<Command>,
+    timeout: Option<Dur>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<LogFilter>,
+}
+
+struct LogFilter(String);
+
+impl<'de> Deserialize<'de> for LogFilter {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        tracing_subscriber::EnvFilter::try_new(&s).map_err(|e| {
+            de::Error::custom(format!(
+                "expected a log level (error, warn, info, debug, trace) or a tracing filter, found {s:?} ({e})"
+            ))
+        })?;
+        Ok(LogFilter(s))
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSocket {
+    mode: Option<FileMode>,
+    group: Option<NonEmpty>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHistory {
+    retention: Option<Dur>,
+    keep_removed: Option<Dur>,
+    prune: Option<CronExpr>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    per_endpoint_concurrency: Option<Bounded<1, 10_000>>,
+    request_timeout: Option<Dur>,
+    max_connections: Option<Bounded<1, 1_000_000>>,
+}
+
+/// An integer in `MIN..=MAX`.
+#[derive(Clone, Copy)]
+struct Bounded<const MIN: u64, const MAX: u64>(u64);
+
+impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Bounded<MIN, MAX> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<const MIN: u64, const MAX: u64>;
+        impl<const MIN: u64, const MAX: u64> Visitor<'_> for V<MIN, MAX> {
+            type Value = Bounded<MIN, MAX>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "a whole number from {MIN} to {MAX}")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Self::Value, E> {
+                if (MIN..=MAX).contains(&n) {
+                    Ok(Bounded(n))
+                } else {
+                    Err(E::custom(format!(
+                        "expected a whole number from {MIN} to {MAX}, found {n}"
+                    )))
+                }
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Self::Value, E> {
+                Err(E::custom(format!(
+                    "expected a whole number from {MIN} to {MAX}, found {n}"
+                )))
+            }
+        }
+        d.deserialize_u64(V::<MIN, MAX>)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    #[serde(default)]
+    provider: ProfileSpec,
+    #[serde(default)]
+    grant: Grant,
+    client_id: NonEmpty,
+    client_secret: Option<SecretSource>,
+    scopes: Option<Vec<NonEmpty>>,
+    pkce: Option<bool>,
+    redirect_uri: Option<NonEmpty>,
+    authorize_params: Option<BTreeMap<String, String>>,
+    authorize_timeout: Option<Dur>,
+    #[serde(default)]
+    refresh: RawRefresh,
+    #[serde(default)]
+    sinks: Vec<RawSink>,
+    cron: Option<CronExpr>,
+    base_url: Option<NonEmpty>,
+    tenant: Option<NonEmpty>,
+    domain: Option<NonEmpty>,
+    region: Option<NonEmpty>,
+    version: Option<NonEmpty>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    path: NonEmpty,
+    #[serde(default)]
+    format: SinkFormat,
+    mode: Option<FileMode>,
+    group: Option<NonEmpty>,
+}
+
+/// Where a secret comes from.
+enum SecretSource {
+    Inline(String),
+    File(String),
+    Env(String),
+    /// A systemd credential: `$CREDENTIALS_DIRECTORY/NAME`.
+    Credential(String),
+}
+
+impl<'de> Deserialize<'de> for SecretSource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Ref {
+            file: Option<NonEmpty>,
+            env: Option<NonEmpty>,
+            credential: Option<NonEmpty>,
+        }
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = SecretSource;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, or one of {file: PATH}, {env: VAR}, {credential: NAME}")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<SecretSource, E> {
+                Ok(SecretSource::Inline(s.to_string()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, m: A) -> Result<SecretSource, A::Error> {
+                let r = Ref::deserialize(de::value::MapAccessDeserializer::new(m))?;
+                match (r.file, r.env, r.credential) {
+                    (Some(f), None, None) => Ok(SecretSource::File(f.0)),
+                    (None, Some(e), None) => Ok(SecretSource::Env(e.0)),
+                    (None, None, Some(c)) => Ok(SecretSource::Credential(c.0)),
+                    _ => Err(de::Error::custom(
+                        "give exactly one of file, env or credential",
+                    )),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The `clients:` map. Refuses a name given twice (serde would silently keep the last one) and
+/// invalid names, at the position of the key.
+struct ClientMap(Vec<(String, RawClient)>);
+
+impl<'de> Deserialize<'de> for ClientMap {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Name<'a>(&'a HashMap<String, ()>);
+        impl<'de> DeserializeSeed<'de> for Name<'_> {
+            type Value = String;
+            fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+                d.deserialize_str(self)
+            }
+        }
+        impl Visitor<'_> for Name<'_> {
+            type Value = String;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a client name")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<String, E> {
+                values::check_client_name(s).map_err(E::custom)?;
+                if self.0.contains_key(s) {
+                    return Err(E::custom(format!("client {s:?} is defined twice")));
+                }
+                Ok(s.to_string())
+            }
+        }
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ClientMap;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map from client name to client settings")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<ClientMap, E> {
+                Ok(ClientMap(Vec::new()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<ClientMap, A::Error> {
+                let mut seen = HashMap::new();
+                let mut out = Vec::new();
+                while let Some(name) = m.next_key_seed(Name(&seen))? {
+                    let client: RawClient = m.next_value()?;
+                    seen.insert(name.clone(), ());
+                    out.push((name, client));
+                }
+                Ok(ClientMap(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading.
+
+/// Reads, validates and resolves the config at `file`.
+pub fn load(file: &Path) -> Result<Config, ConfigError> {
+    let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    let src = std::fs::read_to_string(&file).map_err(|e| ConfigError {
+        file: file.clone(),
+        position: None,
+        message: format!("cannot read the configuration: {e}"),
+    })?;
+    parse(&src, &file)
+}
+
+/// Validates and resolves `src`, read from `file` (which anchors relative paths).
+pub fn parse(src: &str, file: &Path) -> Result<Config, ConfigError> {
+    if src.trim().is_empty() {
+        return Err(ConfigError {
+            file: file.to_path_buf(),
+            position: None,
+            message: "the file is empty; a configuration needs at least `clients:`".into(),
+        });
+    }
+    let raw: RawConfig = serde_yaml::from_str(src).map_err(|e| from_yaml_error(file, &e))?;
+    Resolver {
+        src,
+        file,
+        dir: file.parent().unwrap_or(Path::new("/")),
+    }
+    .config(raw)
+}
+
+fn from_yaml_error(file: &Path, e: &serde_yaml::Error) -> ConfigError {
+    let mut message = e.to_string();
+    let position = e.location().map(|l| (l.line(), l.column()));
+    if let Some((line, column)) = position {
+        let suffix = format!(" at line {line} column {column}");
+        if let Some(stripped) = message.strip_suffix(&suffix) {
+            message = stripped.to_string();
+        }
+    }
+    ConfigError {
+        file: file.to_path_buf(),
+        position,
+        message,
+    }
+}
+
+/// Defaults, each with its reason.
+mod defaults {
+    use std::time::Duration;
+    /// Refresh when 10% of the lifetime is left: an hour-long token is refreshed 6 minutes early.
+    pub const BEFORE_EXPIRY_SHARE: f64 = 10.0;
+    /// ...but never with less than a minute left, so a slow server still answers in time.
+    pub const MIN_BEFORE_EXPIRY: Duration = Duration::from_secs(60);
+    /// Google drops refresh tokens unused for 6 months, Xero 60 days, Box 60 days: a daily
+    /// refresh keeps every such token alive with a wide margin.
+    pub const AT_LEAST: Duration = Duration::from_secs(24 * 3600);
+    pub const JITTER_PERCENT: f64 = 5.0;
+    pub const RETRY_INITIAL: Duration = Duration::from_secs(5);
+    pub const RETRY_MAX: Duration = Duration::from_secs(15 * 60);
+    pub const AUTHORIZE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+    pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const HISTORY_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+    pub const KEEP_REMOVED: Duration = Duration::from_secs(30 * 24 * 3600);
+    /// Hourly, at a minute unlikely to collide with other hourly jobs.
+    pub const PRUNE_SCHEDULE: &str = "0 17 * * * *";
+    /// Enough parallel requests to keep a provider busy without looking like an attack.
+    pub const PER_ENDPOINT_CONCURRENCY: u64 = 16;
+    pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const MAX_CONNECTIONS: u64 = 1024;
+    /// The largest share of a lifetime that jitter may take.
+    pub const MAX_JITTER_PERCENT: f64 = 50.0;
+}
+
+/// Default folders when the config names none: systemd's directories when it runs us, else the
+/// system or the user layout of DESIGN.md.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = env_path("STATE_DIRECTORY") {
+        return dir;
+    }
+    if is_root() {
+        return PathBuf::from("/var/lib/oauth2mci");
+    }
+    env_path("XDG_STATE_HOME")
+        .or_else(|| env_path("HOME").map(|h| h.join(".local/state")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("oauth2mci")
+}
+
+pub fn default_runtime_dir() -> PathBuf {
+    if let Some(dir) = env_path("RUNTIME_DIRECTORY") {
+        return dir;
+    }
+    if is_root() {
+        return PathBuf::from("/run/oauth2mci");
+    }
+    match env_path("XDG_RUNTIME_DIR") {
+        Some(dir) => dir.join("oauth2mci"),
+        // Without a per-user runtime folder, keep runtime files beside the state, which is
+        // private to the user, rather than in a shared /tmp.
+        None => default_state_dir().join("run"),
+    }
+}
+
+pub fn default_config_file() -> PathBuf {
+    if let Some(dir) = env_path("CONFIGURATION_DIRECTORY") {
+        return dir.join("config.yaml");
+    }
+    if is_root() {
+        return PathBuf::from("/etc/oauth2mci/config.yaml");
+    }
+    env_path("XDG_CONFIG_HOME")
+        .or_else(|| env_path("HOME").map(|h| h.join(".config")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("oauth2mci/config.yaml")
+}
+
+pub const SOCKET_NAME: &str = "oauth2mci.sock";
+
+fn env_path(var: &str) -> Option<PathBuf> {
+    // systemd passes colon-separated lists when a unit names several folders; the first is ours.
+    let v = std::env::var_os(var)?;
+    let first = v
+        .to_str()
+        .map(|s| s.split(':').next().unwrap_or("").to_string())?;
+    (!first.is_empty() && Path::new(&first).is_absolute()).then(|| PathBuf::from(first))
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// `clients.a.sinks[0].path`, the way serde_yaml names places.
+fn show_path(path: &[&str]) -> String {
+    let mut shown = String::new();
+    for part in path {
+        if part.parse::<usize>().is_ok() {
+            shown.push_str(&format!("[{part}]"));
+        } else {
+            if !shown.is_empty() {
+                shown.push('.');
+            }
+            shown.push_str(part);
+        }
+    }
+    shown
+}
+
+struct Resolver<'a> {
+    src: &'a str,
+    file: &'a Path,
+    dir: &'a Path,
+}
+
+impl Resolver<'_> {
+    fn error(&self, path: &[&str], message: impl Into<String>) -> ConfigError {
+        // A value that is missing from the file (an omitted provider) is reported at its parent.
+        let position = (1..=path.len())
+            .rev()
+            .find_map(|n| locate::locate(self.src, &path[..n]));
+        ConfigError {
+            file: self.file.to_path_buf(),
+            position,
+            message: format!("{}: {}", show_path(path), message.into()),
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
+    }
+
+    fn group(&self, at: &[&str], name: &str) -> Result<Group, ConfigError> {
+        match nix::unistd::Group::from_name(name) {
+            Ok(Some(g)) => Ok(Group {
+                name: name.to_string(),
+                gid: g.gid.as_raw(),
+            }),
+            Ok(None) => Err(self.error(at, format!("no group named {name:?} on this machine"))),
+            Err(e) => Err(self.error(at, format!("cannot look up group {name:?}: {e}"))),
+        }
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let state_dir = raw
+            .paths
+            .state
+            .as_ref()
+            .map(|p| self.path(&p.0))
+            .unwrap_or_else(default_state_dir);
+        let runtime_dir = raw
+            .paths
+            .runtime
+            .as_ref()
+            .map(|p| self.path(&p.0))
+            .unwrap_or_else(default_runtime_dir);
+        let socket = raw
+            .paths
+            .socket
+            .as_ref()
+            .map(|p| self.path(&p.0))
+            .unwrap_or_else(|| runtime_dir.join(SOCKET_NAME));
+        let paths = Paths {
+            state_dir,
+            runtime_dir,
+            socket,
+        };
+
+        let socket_access = SocketAccess {
+            mode: raw.socket.mode.map_or(0o600, |m| m.0),
+            group: raw
+                .socket
+                .group
+                .as_ref()
+                .map(|g| self.group(&["socket", "group"], &g.0))
+                .transpose()?,
+        };
+        let notify = NotifyConfig {
+            on_reauth_needed: raw.notify.on_reauth_needed.map(|c| c.0),
+            on_error: raw.notify.on_error.map(|c| c.0),
+            on_refresh: raw.notify.on_refresh.map(|c| c.0),
+            on_warning: raw.notify.on_warning.map(|c| c.0),
+            timeout: raw.notify.timeout.map_or(defaults::NOTIFY_TIMEOUT, |d| d.0),
+        };
+        let history = HistoryConfig {
+            retention: raw
+                .history
+                .retention
+                .map_or(defaults::HISTORY_RETENTION, |d| d.0),
+            keep_removed: raw
+                .history
+                .keep_removed
+                .map_or(defaults::KEEP_REMOVED, |d| d.0),
+            prune_schedule: match raw.history.prune {
+                Some(c) => c,
+                None => CronExpr(defaults::PRUNE_SCHEDULE.to_string()),
+            },
+        };
+        let limits = Limits {
+            per_endpoint_concurrency: raw
+                .limits
+                .per_endpoint_concurrency
+                .map_or(defaults::PER_ENDPOINT_CONCURRENCY, |b| b.0)
+                as usize,
+            request_timeout: raw
+                .limits
+                .request_timeout
+                .map_or(defaults::REQUEST_TIMEOUT, |d| d.0),
+            max_connections: raw
+                .limits
+                .max_connections
+                .map_or(defaults::MAX_CONNECTIONS, |b| b.0) as usize,
+        };
+        if limits.request_timeout < Duration::from_secs(1) {
+            return Err(self.error(&["limits", "request_timeout"], "must be at least 1s"));
+        }
+        let global_refresh = self.refresh(&RawRefresh::default(), &raw.refresh, &["refresh"])?;
+
+        let mut clients = BTreeMap::new();
+        let mut sink_owner: HashMap<PathBuf, (String, usize)> = HashMap::new();
+        for (name, rc) in raw.clients.0 {
+            let client = self.client(&name, rc, &raw.refresh, &paths)?;
+            for (i, sink) in client.sinks.iter().enumerate() {
+                if let Some((other, j)) = sink_owner.insert(sink.path.clone(), (name.clone(), i)) {
+                    return Err(self.error(
+                        &["clients", &name, "sinks", &i.to_string(), "path"],
+                        format!(
+                            "{} is already written by clients.{other}.sinks[{j}]",
+                            sink.path.display()
+                        ),
+                    ));
+                }
+            }
+            clients.insert(name, Arc::new(client));
+        }
+        // The global policy is checked for its own errors; clients carry their merged copy.
+        let _ = global_refresh;
+
+        Ok(Config {
+            file: self.file.to_path_buf(),
+            paths,
+            socket: socket_access,
+            log_level: raw.log.level.map(|l| l.0),
+            notify,
+            history,
+            limits,
+            clients,
+        })
+    }
+
+    fn refresh(
+        &self,
+        global: &RawRefresh,
+        own: &RawRefresh,
+        at: &[&str],
+    ) -> Result<RefreshPolicy, ConfigError> {
+        let retry_own = own.retry.unwrap_or_default();
+        let retry_global = global.retry.unwrap_or_default();
+        let policy = RefreshPolicy {
+            before_expiry: own
+                .before_expiry
+                .or(global.before_expiry)
+                .unwrap_or(BeforeExpiry::Share(Percent(defaults::BEFORE_EXPIRY_SHARE))),
+            min_before_expiry: own
+                .min_before_expiry
+                .or(global.min_before_expiry)
+                .map_or(defaults::MIN_BEFORE_EXPIRY, |d| d.0),
+            at_least: own
+                .at_least
+                .or(global.at_least)
+                .map_or(Some(defaults::AT_LEAST), |a| a.0),
+            jitter: own
+                .jitter
+                .or(global.jitter)
+                .map_or(defaults::JITTER_PERCENT, |p| p.0)
+                / 100.0,
+            retry_initial: retry_own
+                .initial
+                .or(retry_global.initial)
+                .map_or(defaults::RETRY_INITIAL, |d| d.0),
+            retry_max: retry_own
+                .max
+                .or(retry_global.max)
+                .map_or(defaults::RETRY_MAX, |d| d.0),
+        };
+        let mut here = at.to_vec();
+        if policy.jitter * 100.0 > defaults::MAX_JITTER_PERCENT {
+            here.push("jitter");
+            return Err(self.error(
+                &here,
+                format!("must be at most {}%", defaults::MAX_JITTER_PERCENT),
+            ));
+        }
+        if policy.retry_initial < Duration::from_millis(100) {
+            here.extend(["retry", "initial"]);
+            return Err(self.error(&here, "must be at least 100ms"));
+        }
+        if policy.retry_initial > policy.retry_max {
+            here.extend(["retry", "max"]);
+            return Err(self.error(
+                &here,
+                format!(
+                    "retry.max ({}) is shorter than retry.initial ({})",
+                    humantime::format_duration(policy.retry_max),
+                    humantime::format_duration(policy.retry_initial)
+                ),
+            ));
+        }
+        if policy.at_least.is_some_and(|d| d < Duration::from_secs(60)) {
+            here.push("at_least");
+            return Err(self.error(&here, "must be at least 1m, or never"));
+        }
+        Ok(policy)
+    }
+
+    fn client(
+        &self,
+        name: &str,
+        rc: RawClient,
+        global_refresh: &RawRefresh,
+        paths: &Paths,
+    ) -> Result<ClientConfig, ConfigError> {
+        let at = |rest: &[&'static str]| -> Vec<String> {
+            let mut v = vec!["clients".to_string(), name.to_string()];
+            v.extend(rest.iter().map(|s| s.to_string()));
+            v
+        };
+        let err = |rest: &[&'static str], msg: String| {
+            let p = at(rest);
+            let refs: Vec<&str> = p.iter().map(String::as_str).collect();
+            self.error(&refs, msg)
+        };
+
+        let (provider_label, profile) =
+            provider::resolve(&rc.provider).map_err(|e| err(&["provider"], e.to_string()))?;
+        let vars: BTreeMap<String, String> = [
+            ("base_url", &rc.base_url),
+            ("tenant", &rc.tenant),
+            ("domain", &rc.domain),
+            ("region", &rc.region),
+            ("version", &rc.version),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.0.clone())))
+        .collect();
+        let endpoint =
+            |template: &Option<String>, field: &'static str| -> Result<Option<Url>, ConfigError> {
+                let Some(t) = template else { return Ok(None) };
+                let filled = provider::fill_template(t, &vars)
+                    .map_err(|m| err(&["provider"], format!("{field}: {m}")))?;
+                let url = Url::parse(&filled).map_err(|e| {
+                    err(
+                        &["provider"],
+                        format!("{field} {filled:?} is not a URL: {e}"),
+                    )
+                })?;
+                check_endpoint_security(&url)
+                    .map_err(|m| err(&["provider"], format!("{field}: {m}")))?;
+                Ok(Some(url))
+            };
+        let token = endpoint(&profile.token_url, "token_url")?.ok_or_else(|| {
+            err(
+                &["provider"],
+                "no token endpoint: name a provider with one, or set provider.token_url".into(),
+            )
+        })?;
+        let authorize = endpoint(&profile.authorize_url, "authorize_url")?;
+        let revoke = endpoint(&profile.revoke_url, "revoke_url")?;
+        if rc.grant == Grant::AuthorizationCode && authorize.is_none() {
+            return Err(err(
+                &["provider"],
+                "the authorization_code grant needs an authorization endpoint: set provider.authorize_url".into(),
+            ));
+        }
+
+        let pkce = match (profile.pkce, rc.pkce) {
+            (PkceMode::Required, Some(false)) => {
+                return Err(err(
+                    &["pkce"],
+                    format!("provider {provider_label} requires PKCE; remove `pkce: false`"),
+                ));
+            }
+            (PkceMode::Off, Some(true)) => {
+                return Err(err(
+                    &["pkce"],
+                    format!("provider {provider_label} does not support PKCE; remove `pkce: true`"),
+                ));
+            }
+            (PkceMode::Off, _) => false,
+            (_, choice) => choice.unwrap_or(true),
+        };
+
+        let client_secret = rc
+            .client_secret
+            .map(|s| self.secret(s, &format!("clients.{name}.client_secret")))
+            .transpose()
+            .map_err(|m| err(&["client_secret"], m))?;
+        if client_secret.is_none() && rc.grant == Grant::ClientCredentials {
+            return Err(err(
+                &["client_secret"],
+                "the client_credentials grant needs a client_secret".into(),
+            ));
+        }
+        if client_secret.is_none() && !pkce && rc.grant == Grant::AuthorizationCode {
+            return Err(err(
+                &["client_id"],
+                "a client with neither client_secret nor PKCE cannot prove who it is; add one of them".into(),
+            ));
+        }
+
+        let redirect_uri = rc
+            .redirect_uri
+            .map(|r| parse_loopback_redirect(&r.0).map_err(|m| err(&["redirect_uri"], m)))
+            .transpose()?;
+
+        let scopes = match rc.scopes {
+            Some(s) => s.into_iter().map(|s| s.0).collect(),
+            None => profile.default_scopes.clone(),
+        };
+        for s in &scopes {
+            if s.chars()
+                .any(|c| c.is_whitespace() || c == '"' || c == '\\')
+            {
+                return Err(err(
+                    &["scopes"],
+                    format!("scope {s:?} may not contain spaces, quotes or backslashes"),
+                ));
+            }
+        }
+
+        let refresh_at = at(&["refresh"]);
+        let refresh_refs: Vec<&str> = refresh_at.iter().map(String::as_str).collect();
+        let refresh = self.refresh(global_refresh, &rc.refresh, &refresh_refs)?;
+
+        let mut sinks = Vec::with_capacity(rc.sinks.len());
+        for (i, s) in rc.sinks.into_iter().enumerate() {
+            let index = i.to_string();
+            let path = Path::new(&s.path.0);
+            let path = if path.is_absolute() {
+                path.to_path_buf()
+            } else {
+                paths.runtime_dir.join(path)
+            };
+            if path.file_name().is_none() || s.path.0.ends_with('/') {
+                let p = ["clients", name, "sinks", &index, "path"];
+                return Err(self.error(&p, format!("{:?} names a folder, not a file", s.path.0)));
+            }
+            if path == paths.socket || path == paths.database() {
+                let p = ["clients", name, "sinks", &index, "path"];
+                return Err(self.error(&p, "would overwrite the daemon's own socket or database"));
+            }
+            let group = match s.group {
+                Some(g) => Some(self.group(&["clients", name, "sinks", &index, "group"], &g.0)?),
+                None => None,
+            };
+            sinks.push(SinkConfig {
+                path,
+                format: s.format,
+                mode: s.mode.map_or(0o600, |m| m.0),
+                group,
+            });
+        }
+
+        let mut authorize_params = profile.authorize_params.clone();
+        authorize_params.extend(rc.authorize_params.unwrap_or_default());
+        const RESERVED: [&str; 7] = [
+            "response_type",
+            "client_id",
+            "redirect_uri",
+            "scope",
+            "state",
+            "code_challenge",
+            "code_challenge_method",
+        ];
+        if let Some(k) = authorize_params
+            .keys()
+            .find(|k| RESERVED.contains(&k.as_str()))
+        {
+            return Err(err(
+                &["authorize_params"],
+                format!("{k:?} is set by the daemon itself"),
+            ));
+        }
+
+        Ok(ClientConfig {
+            name: name.to_string(),
+            provider: provider_label,
+            profile,
+            endpoints: Endpoints {
+                authorize,
+                token,
+                revoke,
+            },
+            grant: rc.grant,
+            client_id: rc.client_id.0,
+            client_secret,
+            scopes,
+            pkce,
+            redirect_uri,
+            authorize_params,
+            authorize_timeout: rc
+                .authorize_timeout
+                .map_or(defaults::AUTHORIZE_TIMEOUT, |d| d.0),
+            refresh,
+            sinks,
+            cron: rc.cron,
+        })
+    }
+
+    fn secret(&self, source: SecretSource, what: &str) -> Result<Secret, String> {
+        let read = |path: PathBuf| {
+            std::fs::read_to_string(&path)
+                .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        let value = match source {
+            SecretSource::Inline(s) => s,
+            SecretSource::File(p) => read(self.path(&p))?,
+            SecretSource::Env(var) => std::env::var(&var)
+                .map_err(|_| format!("environment variable {var} is not set (or not UTF-8)"))?,
+            SecretSource::Credential(name) => {
+                if name.contains('/') {
+                    return Err(format!("credential name {name:?} may not contain '/'"));
+                }
+                let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+                    format!("credential {name:?} needs systemd's CREDENTIALS_DIRECTORY (LoadCredential= in the unit)")
+                })?;
+                read(PathBuf::from(dir).join(name))?
+            }
+        };
+        if value.is_empty() {
+            return Err(format!("{what} is empty"));
+        }
+        Ok(Secret::new(value))
+    }
+}
+
+/// Token and authorization endpoints carry credentials: plain http only on loopback.
+fn check_endpoint_security(url: &Url) -> Result<(), String> {
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback_host(url) => Ok(()),
+        "http" => Err(format!(
+            "{url} is plain http; credentials may only travel over https (http is allowed on 127.0.0.1, ::1 and localhost)"
+        )),
+        other => Err(format!(
+            "{url}: unsupported scheme {other:?}; expected https"
+        )),
+    }
+}
+
+fn is_loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    }
+}
+
+/// A redirect URI the daemon can listen on itself (RFC 8252 section 7.3): http, a loopback host.
+/// Port 0 or no port: a free port chosen at authorization time.
+pub fn parse_loopback_redirect(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if url.scheme() != "http" || !is_loopback_host(&url) {
+        return Err(format!(
+            "{s:?}: the daemon receives the redirect itself, so it must be http://127.0.0.1:PORT/PATH (or [::1], localhost)"
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "{s:?}: a redirect URI may not carry a query or fragment"
+        ));
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests;

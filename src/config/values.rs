@@ -1,0 +1,314 @@
+//! Validated scalar values of the configuration: durations, percentages, file modes, client names,
+//! commands. Each one is checked while it is deserialized, so a bad value is reported by serde_yaml
+//! with the exact path, line and column of the value.
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+use std::fmt;
+use std::time::Duration;
+
+/// A duration written with a unit: `90s`, `5m`, `1h 30m`, `7d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration with a unit, like 90s, 5m, 1h or 7d")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Dur, E> {
+                parse_duration(s).map(Dur).map_err(E::custom)
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Dur, E> {
+                Err(E::custom(format!(
+                    "a duration needs a unit: write {n}s, {n}m or {n}h"
+                )))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Dur, E> {
+                Err(E::custom(format!(
+                    "expected a duration with a unit like 90s, found {n}"
+                )))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl serde::Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(self.0))
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let trimmed = s.trim();
+    if trimmed.is_empty() {
+        return Err("expected a duration like 90s, 5m or 1h, found an empty string".into());
+    }
+    if trimmed.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!(
+            "a duration needs a unit: write {trimmed}s, {trimmed}m or {trimmed}h"
+        ));
+    }
+    humantime::parse_duration(trimmed)
+        .map_err(|e| format!("expected a duration like 90s, 5m or 1h, found {s:?} ({e})"))
+}
+
+/// A percentage from 0 to 100, written `5%`.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+pub struct Percent(pub f64);
+
+impl Percent {
+    pub fn fraction(self) -> f64 {
+        self.0 / 100.0
+    }
+}
+
+fn parse_percent(s: &str) -> Option<f64> {
+    let v: f64 = s.trim().strip_suffix('%')?.trim().parse().ok()?;
+    (v.is_finite() && (0.0..=100.0).contains(&v)).then_some(v)
+}
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Percent;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a percentage like 5%")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Percent, E> {
+                parse_percent(s).map(Percent).ok_or_else(|| {
+                    E::custom(format!(
+                        "expected a percentage from 0% to 100%, like 5%, found {s:?}"
+                    ))
+                })
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// How long before expiry to refresh: a share of the token's lifetime (`10%`) or a duration (`5m`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BeforeExpiry {
+    Share(Percent),
+    Fixed(Duration),
+}
+
+impl<'de> Deserialize<'de> for BeforeExpiry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = BeforeExpiry;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a share of the token lifetime like 10%, or a duration like 5m")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<BeforeExpiry, E> {
+                if s.trim_end().ends_with('%') {
+                    match parse_percent(s) {
+                        Some(p) if p > 0.0 && p < 100.0 => Ok(BeforeExpiry::Share(Percent(p))),
+                        _ => Err(E::custom(format!(
+                            "expected a share of the token lifetime above 0% and below 100%, found {s:?}"
+                        ))),
+                    }
+                } else {
+                    parse_duration(s)
+                        .map(BeforeExpiry::Fixed)
+                        .map_err(E::custom)
+                }
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Unix permission bits for a file the daemon writes, written as an octal string: `"0640"`.
+/// Bits for "others" are refused: these files hold credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileMode(pub u32);
+
+impl<'de> Deserialize<'de> for FileMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = FileMode;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an octal file mode as a quoted string, like \"0640\"")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<FileMode, E> {
+                let bits = u32::from_str_radix(s.trim(), 8)
+                    .ok()
+                    .filter(|b| *b <= 0o777)
+                    .ok_or_else(|| {
+                        E::custom(format!(
+                            "expected an octal file mode like \"0640\", found {s:?}"
+                        ))
+                    })?;
+                if bits & 0o007 != 0 {
+                    return Err(E::custom(format!(
+                        "mode {s:?} gives access to every user on the machine; token files may be shared with a group at most (like \"0640\")"
+                    )));
+                }
+                if bits & 0o600 != 0o600 {
+                    return Err(E::custom(format!(
+                        "mode {s:?} does not let the daemon itself read and write the file; use at least \"0600\""
+                    )));
+                }
+                Ok(FileMode(bits))
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<FileMode, E> {
+                Err(E::custom(format!(
+                    "write the file mode as a quoted octal string, like \"0{n}\": YAML reads a bare number as decimal"
+                )))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Longest client name: it appears in URLs, file names and environment variable names.
+pub const MAX_CLIENT_NAME: usize = 64;
+
+/// Checks a client name: ASCII letters, digits, `.`, `_` and `-`, not starting with `.` or `-`.
+pub fn check_client_name(name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if name.is_empty() || name.len() > MAX_CLIENT_NAME || !ok_chars || name.starts_with(['.', '-'])
+    {
+        return Err(format!(
+            "client name {name:?} must be 1 to {MAX_CLIENT_NAME} ASCII letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// A command to run without a shell: a non-empty list of arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for Command {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let argv = Vec::<String>::deserialize(d)?;
+        if argv.first().is_none_or(|p| p.trim().is_empty()) {
+            return Err(de::Error::custom(
+                "a command is a list whose first item is the program, like [notify-send, \"{client}\"]",
+            ));
+        }
+        Ok(Command(argv))
+    }
+}
+
+/// A cron schedule, 5 fields (minute precision) or 6 (with seconds), checked by the same parser
+/// that will run it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CronExpr(pub String);
+
+impl CronExpr {
+    pub fn parse(s: &str) -> Result<CronExpr, String> {
+        let fields = s.split_whitespace().count();
+        let six = match fields {
+            5 => format!("0 {}", s.trim()),
+            6 => s.trim().to_string(),
+            _ => {
+                return Err(format!(
+                    "expected a cron schedule of 5 fields (minute hour day month weekday), found {s:?}"
+                ));
+            }
+        };
+        tokio_cron_scheduler::Job::new_async(six.as_str(), |_, _| Box::pin(async {}))
+            .map_err(|_| format!("{s:?} is not a valid cron schedule"))?;
+        Ok(CronExpr(six))
+    }
+}
+
+impl<'de> Deserialize<'de> for CronExpr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = CronExpr;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a cron schedule like \"0 */6 * * *\"")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<CronExpr, E> {
+                CronExpr::parse(s).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A string that must not be empty (client ids, scopes, paths).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NonEmpty(pub String);
+
+impl<'de> Deserialize<'de> for NonEmpty {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = NonEmpty;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a non-empty string")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<NonEmpty, E> {
+                if s.trim().is_empty() {
+                    Err(E::custom("must not be empty"))
+                } else {
+                    Ok(NonEmpty(s.to_string()))
+                }
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_units() {
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert!(parse_duration("90").unwrap_err().contains("needs a unit"));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn percentages_are_bounded() {
+        assert_eq!(parse_percent("5%"), Some(5.0));
+        assert_eq!(parse_percent("101%"), None);
+        assert_eq!(parse_percent("-1%"), None);
+        assert_eq!(parse_percent("5"), None);
+    }
+
+    #[test]
+    fn file_modes_refuse_other_users() {
+        let m: Result<FileMode, _> = serde_yaml::from_str("\"0644\"");
+        assert!(m.unwrap_err().to_string().contains("every user"));
+        let m: FileMode = serde_yaml::from_str("\"0640\"").unwrap();
+        assert_eq!(m.0, 0o640);
+        let m: Result<FileMode, _> = serde_yaml::from_str("640");
+        assert!(m.unwrap_err().to_string().contains("quoted octal"));
+    }
+
+    #[test]
+    fn client_names() {
+        assert!(check_client_name("gmail-work_2.x").is_ok());
+        for bad in ["", "-x", ".x", "a b", "a/b", &"x".repeat(65)] {
+            assert!(check_client_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn cron_five_and_six_fields() {
+        assert_eq!(CronExpr::parse("*/5 * * * *").unwrap().0, "0 */5 * * * *");
+        assert!(CronExpr::parse("0 0 * * * *").is_ok());
+        assert!(CronExpr::parse("61 * * * *").is_err());
+        assert!(CronExpr::parse("* *").is_err());
+    }
+}

@@ -1,0 +1,14 @@
+//! oauth2mci: a daemon that obtains OAuth 2.0 tokens once with the user and keeps them fresh.
+//!
+//! The binary (`src/main.rs`) is a thin shell over this library so that integration tests and
+//! benchmarks can reach the same code.
+
+pub mod config;
+pub mod notify;
+pub mod oauth;
+pub mod provider;
+pub mod scheduler;
+pub mod secret;
+pub mod sink;
+pub mod store;
+pub mod token;

@@ -1,0 +1,186 @@
+//! Sinks: token files for consumers that read a file rather than the socket.
+//!
+//! A sink is written atomically: a temporary file in the same folder, with its final mode from
+//! the start, written, fsynced, renamed over the old one, and the folder fsynced. A reader sees
+//! the old token or the new one, never half of one. This module never sees a token that is not
+//! yet committed to the store: `registry` calls it only after the commit returned.
+
+use crate::config::{SinkConfig, SinkFormat};
+use crate::token::TokenSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+#[error("token file {path}: {message}")]
+pub struct SinkError {
+    pub path: String,
+    pub message: String,
+}
+
+/// The bytes of a sink file.
+pub fn render(format: SinkFormat, client: &str, token: &TokenSet) -> String {
+    let at = token.access_token.expose();
+    match format {
+        SinkFormat::Raw => format!("{at}\n"),
+        SinkFormat::Header => format!("Authorization: {} {at}\n", token.token_type),
+        SinkFormat::Json => {
+            let v = serde_json::json!({
+                "access_token": at,
+                "token_type": token.token_type,
+                "expires_at": token.expires_at.map(|ms| ms / 1000),
+                "scope": token.scope,
+            });
+            format!("{v}\n")
+        }
+        SinkFormat::Env => {
+            let prefix: String = client
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_uppercase()
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            let mut out = format!(
+                "{prefix}_ACCESS_TOKEN={at}\n{prefix}_TOKEN_TYPE={}\n",
+                token.token_type
+            );
+            if let Some(exp) = token.expires_at {
+                out.push_str(&format!("{prefix}_EXPIRES_AT={}\n", exp / 1000));
+            }
+            out
+        }
+    }
+}
+
+/// Writes one sink atomically.
+pub fn write(sink: &SinkConfig, client: &str, token: &TokenSet) -> Result<(), SinkError> {
+    write_bytes(
+        &sink.path,
+        render(sink.format, client, token).as_bytes(),
+        sink.mode,
+        sink.group.as_ref().map(|g| g.gid),
+    )
+}
+
+/// Removes a sink's file (after revocation or when a token may no longer be used).
+pub fn clear(sink: &SinkConfig) -> Result<(), SinkError> {
+    match fs::remove_file(&sink.path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(err(&sink.path, format!("cannot remove: {e}"))),
+    }
+}
+
+fn err(path: &Path, message: String) -> SinkError {
+    SinkError {
+        path: path.display().to_string(),
+        message,
+    }
+}
+
+pub fn write_bytes(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    gid: Option<u32>,
+) -> Result<(), SinkError> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| err(path, "has no parent folder".into()))?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| err(path, format!("cannot create folder {}: {e}", dir.display())))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("token");
+    let tmp = dir.join(format!(".{name}.{}.tmp", crate::oauth::random_token(6)));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(|e| err(path, format!("cannot create {}: {e}", tmp.display())))?;
+        // The umask may have narrowed the mode given to open(); set it exactly.
+        fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .map_err(|e| err(path, format!("cannot set mode: {e}")))?;
+        if let Some(gid) = gid {
+            std::os::unix::fs::fchown(&f, None, Some(gid))
+                .map_err(|e| err(path, format!("cannot give the file to group {gid}: {e}")))?;
+        }
+        f.write_all(bytes)
+            .map_err(|e| err(path, format!("write failed: {e}")))?;
+        f.sync_all()
+            .map_err(|e| err(path, format!("fsync failed: {e}")))?;
+        fs::rename(&tmp, path).map_err(|e| err(path, format!("rename failed: {e}")))?;
+        // The rename is durable only once the folder itself is synced.
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| err(path, format!("folder fsync failed: {e}")))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn token() -> TokenSet {
+        TokenSet {
+            access_token: Secret::new("AT"),
+            token_type: "Bearer".into(),
+            refresh_token: Some(Secret::new("RT")),
+            id_token: None,
+            scope: Some("a b".into()),
+            expires_at: Some(1_700_000_000_000),
+            refresh_expires_at: None,
+            obtained_at: 0,
+        }
+    }
+
+    #[test]
+    fn formats() {
+        let t = token();
+        assert_eq!(render(SinkFormat::Raw, "x", &t), "AT\n");
+        assert_eq!(
+            render(SinkFormat::Header, "x", &t),
+            "Authorization: Bearer AT\n"
+        );
+        assert_eq!(
+            render(SinkFormat::Env, "gmail-work", &t),
+            "GMAIL_WORK_ACCESS_TOKEN=AT\nGMAIL_WORK_TOKEN_TYPE=Bearer\nGMAIL_WORK_EXPIRES_AT=1700000000\n"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&render(SinkFormat::Json, "x", &t)).unwrap();
+        assert_eq!(json["expires_at"], 1_700_000_000);
+        assert!(
+            !render(SinkFormat::Json, "x", &t).contains("RT"),
+            "sinks never carry the refresh token"
+        );
+    }
+
+    #[test]
+    fn atomic_write_replaces_with_exact_mode_and_leaves_no_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("deep/er/tok");
+        write_bytes(&path, b"one", 0o600, None).unwrap();
+        write_bytes(&path, b"two", 0o640, None).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "two");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        let entries: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
+        assert_eq!(entries.len(), 1);
+    }
+}

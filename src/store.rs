@@ -1,0 +1,595 @@
+//! The store: every client's state, tokens, pending authorizations and event history, in SQLite.
+//!
+//! One thread owns the writing connection. Callers send units of writes and wait for them to be
+//! committed; the thread takes every unit waiting at that moment and commits them together in one
+//! transaction (group commit), so a wave of refreshes costs one fsync, not one each. Each unit runs
+//! in its own savepoint: a unit that fails is rolled back alone and reported to its caller alone.
+//! A unit whose `commit` returned Ok is durable (WAL, synchronous=FULL): callers may then write
+//! sinks and announce it. Reads at start-up and for `status` use their own connections.
+
+use crate::secret::Secret;
+use crate::token::TokenSet;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use tokio::sync::{mpsc, oneshot};
+
+/// Forward migrations; `PRAGMA user_version` is the number applied. Never edit one that shipped.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    "CREATE TABLE clients (
+        name TEXT PRIMARY KEY,
+        status TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        reason TEXT,
+        last_refresh_at INTEGER,
+        last_error TEXT,
+        failures INTEGER NOT NULL DEFAULT 0,
+        removed_at INTEGER,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE tokens (
+        client TEXT PRIMARY KEY REFERENCES clients(name) ON DELETE CASCADE,
+        access_token TEXT NOT NULL,
+        token_type TEXT NOT NULL,
+        refresh_token TEXT,
+        id_token TEXT,
+        scope TEXT,
+        expires_at INTEGER,
+        refresh_expires_at INTEGER,
+        obtained_at INTEGER NOT NULL,
+        generation INTEGER NOT NULL
+    );
+    CREATE TABLE pending_authorizations (
+        state TEXT PRIMARY KEY,
+        client TEXT NOT NULL,
+        pkce_verifier TEXT,
+        redirect_uri TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        at INTEGER NOT NULL,
+        client TEXT,
+        kind TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX events_client_at ON events(client, at);
+    CREATE INDEX events_at ON events(at);",
+];
+
+/// Units waiting beyond this are left for the next transaction, so one commit stays short.
+const MAX_UNITS_PER_COMMIT: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("database write failed: {0}")]
+    Write(String),
+    #[error("database read failed: {0}")]
+    Read(String),
+    #[error("the database writer has stopped")]
+    Closed,
+}
+
+/// A client's row: its state as last committed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientRow {
+    pub name: String,
+    pub status: String,
+    pub fingerprint: String,
+    pub reason: Option<String>,
+    pub last_refresh_at: Option<i64>,
+    pub last_error: Option<String>,
+    pub failures: u32,
+    pub removed_at: Option<i64>,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingRow {
+    pub state: String,
+    pub client: String,
+    pub pkce_verifier: Option<Secret>,
+    pub redirect_uri: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Event {
+    pub at: i64,
+    pub client: Option<String>,
+    pub kind: String,
+    pub detail: String,
+}
+
+/// One write; a `Vec<Write>` is a unit, committed all or nothing.
+#[derive(Debug, Clone)]
+pub enum Write {
+    Client(ClientRow),
+    /// Store the token (generation given) or, with `None`, forget it.
+    Token {
+        client: String,
+        token: Option<(TokenSet, i64)>,
+    },
+    Pending(PendingRow),
+    PendingDone {
+        state: String,
+    },
+    Event(Event),
+    /// Delete events before this time.
+    PruneEvents {
+        before: i64,
+    },
+    /// Forget clients (and their tokens) removed from the config before this time.
+    ForgetRemoved {
+        before: i64,
+    },
+}
+
+/// Everything known about a client at start-up.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub row: ClientRow,
+    pub token: Option<(TokenSet, i64)>,
+}
+
+struct Unit {
+    writes: Vec<Write>,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// A handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    path: PathBuf,
+    tx: mpsc::UnboundedSender<Unit>,
+}
+
+impl Store {
+    /// Opens (creating, mode 0600) and migrates the database, and starts the writer thread.
+    pub fn open(path: &Path) -> Result<(Store, std::thread::JoinHandle<()>), StoreError> {
+        let conn = open_connection(path, true)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| StoreError::Open {
+                path: path.to_path_buf(),
+                message: format!("cannot start the writer: {e}"),
+            })?;
+        Ok((
+            Store {
+                path: path.to_path_buf(),
+                tx,
+            },
+            writer,
+        ))
+    }
+
+    /// Commits `writes` as one unit; returns once it is durable.
+    pub async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Unit { writes, done })
+            .map_err(|_| StoreError::Closed)?;
+        wait.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Closes the store: the writer finishes what it was sent and stops once every handle is gone.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every client and token, for start-up.
+    pub fn load(&self) -> Result<Vec<Stored>, StoreError> {
+        let conn = open_connection(&self.path, false)?;
+        load_all(&conn).map_err(|e| StoreError::Read(e.to_string()))
+    }
+
+    pub fn pending(&self) -> Result<Vec<PendingRow>, StoreError> {
+        let conn = open_connection(&self.path, false)?;
+        let mut stmt = conn
+            .prepare("SELECT state, client, pkce_verifier, redirect_uri, created_at, expires_at FROM pending_authorizations")
+            .map_err(read_err)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(PendingRow {
+                    state: r.get(0)?,
+                    client: r.get(1)?,
+                    pkce_verifier: r.get::<_, Option<String>>(2)?.map(Secret::new),
+                    redirect_uri: r.get(3)?,
+                    created_at: r.get(4)?,
+                    expires_at: r.get(5)?,
+                })
+            })
+            .map_err(read_err)?;
+        rows.collect::<Result<_, _>>().map_err(read_err)
+    }
+
+    /// The newest `limit` events of a client, newest first (blocking: call off the runtime).
+    pub fn events(&self, client: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let conn = open_connection(&self.path, false)?;
+        let mut stmt = conn
+            .prepare("SELECT at, client, kind, detail FROM events WHERE client = ?1 ORDER BY at DESC, id DESC LIMIT ?2")
+            .map_err(read_err)?;
+        let rows = stmt
+            .query_map(params![client, limit as i64], |r| {
+                Ok(Event {
+                    at: r.get(0)?,
+                    client: r.get(1)?,
+                    kind: r.get(2)?,
+                    detail: r.get(3)?,
+                })
+            })
+            .map_err(read_err)?;
+        rows.collect::<Result<_, _>>().map_err(read_err)
+    }
+}
+
+fn read_err(e: rusqlite::Error) -> StoreError {
+    StoreError::Read(e.to_string())
+}
+
+fn open_connection(path: &Path, create: bool) -> Result<Connection, StoreError> {
+    let fail = |message: String| StoreError::Open {
+        path: path.to_path_buf(),
+        message,
+    };
+    if create {
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        // Create the file ourselves so it is 0600 from its first byte; SQLite gives the -wal and
+        // -shm files the same mode.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    let conn = Connection::open(path).map_err(|e| fail(e.to_string()))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(|e| fail(e.to_string()))?;
+    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+        .map_err(|e| fail(e.to_string()))?;
+    if create {
+        migrate(&conn).map_err(fail)?;
+    }
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection) -> Result<(), String> {
+    let version: usize = conn
+        .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+        .map_err(|e| e.to_string())? as usize;
+    if version > MIGRATIONS.len() {
+        return Err(format!(
+            "schema version {version} was written by a newer oauth2mci (this one knows {}); refusing to touch it",
+            MIGRATIONS.len()
+        ));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let batch = format!(
+            "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {}; COMMIT;",
+            i + 1
+        );
+        conn.execute_batch(&batch).map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            format!("migration to schema {} failed: {e}", i + 1)
+        })?;
+    }
+    Ok(())
+}
+
+fn writer_loop(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Unit>) {
+    let mut batch = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_UNITS_PER_COMMIT {
+            match rx.try_recv() {
+                Ok(unit) => batch.push(unit),
+                Err(_) => break,
+            }
+        }
+        commit_batch(&mut conn, &mut batch);
+    }
+}
+
+fn commit_batch(conn: &mut Connection, batch: &mut Vec<Unit>) {
+    let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(batch.len());
+    let outcome = (|| -> rusqlite::Result<()> {
+        let mut tx = conn.transaction()?;
+        for unit in batch.iter() {
+            let sp = tx.savepoint()?;
+            match apply_unit(&sp, &unit.writes) {
+                Ok(()) => {
+                    sp.commit()?;
+                    results.push(Ok(()));
+                }
+                Err(e) => {
+                    drop(sp); // rolls the unit back
+                    results.push(Err(StoreError::Write(e.to_string())));
+                }
+            }
+        }
+        tx.set_drop_behavior(rusqlite::DropBehavior::Commit);
+        tx.commit()
+    })();
+    for (i, unit) in batch.drain(..).enumerate() {
+        let result = match &outcome {
+            Ok(()) => results
+                .get_mut(i)
+                .map_or(Err(StoreError::Closed), |r| std::mem::replace(r, Ok(()))),
+            Err(e) => Err(StoreError::Write(e.to_string())),
+        };
+        let _ = unit.done.send(result);
+    }
+}
+
+fn apply_unit(conn: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
+    for w in writes {
+        match w {
+            Write::Client(c) => {
+                conn.prepare_cached(
+                    "INSERT INTO clients (name, status, fingerprint, reason, last_refresh_at, last_error, failures, removed_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                     ON CONFLICT(name) DO UPDATE SET status=excluded.status, fingerprint=excluded.fingerprint,
+                       reason=excluded.reason, last_refresh_at=excluded.last_refresh_at, last_error=excluded.last_error,
+                       failures=excluded.failures, removed_at=excluded.removed_at, updated_at=excluded.updated_at",
+                )?
+                .execute(params![
+                    c.name,
+                    c.status,
+                    c.fingerprint,
+                    c.reason,
+                    c.last_refresh_at,
+                    c.last_error,
+                    c.failures,
+                    c.removed_at,
+                    c.updated_at
+                ])?;
+            }
+            Write::Token {
+                client,
+                token: Some((t, generation)),
+            } => {
+                conn.prepare_cached(
+                    "INSERT INTO tokens (client, access_token, token_type, refresh_token, id_token, scope, expires_at, refresh_expires_at, obtained_at, generation)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                     ON CONFLICT(client) DO UPDATE SET access_token=excluded.access_token, token_type=excluded.token_type,
+                       refresh_token=excluded.refresh_token, id_token=excluded.id_token, scope=excluded.scope,
+                       expires_at=excluded.expires_at, refresh_expires_at=excluded.refresh_expires_at,
+                       obtained_at=excluded.obtained_at, generation=excluded.generation",
+                )?
+                .execute(params![
+                    client,
+                    t.access_token.expose(),
+                    t.token_type,
+                    t.refresh_token.as_ref().map(Secret::expose),
+                    t.id_token.as_ref().map(Secret::expose),
+                    t.scope,
+                    t.expires_at,
+                    t.refresh_expires_at,
+                    t.obtained_at,
+                    generation
+                ])?;
+            }
+            Write::Token {
+                client,
+                token: None,
+            } => {
+                conn.prepare_cached("DELETE FROM tokens WHERE client = ?1")?
+                    .execute([client])?;
+            }
+            Write::Pending(p) => {
+                conn.prepare_cached(
+                    "INSERT OR REPLACE INTO pending_authorizations (state, client, pkce_verifier, redirect_uri, created_at, expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![
+                    p.state,
+                    p.client,
+                    p.pkce_verifier.as_ref().map(Secret::expose),
+                    p.redirect_uri,
+                    p.created_at,
+                    p.expires_at
+                ])?;
+            }
+            Write::PendingDone { state } => {
+                conn.prepare_cached("DELETE FROM pending_authorizations WHERE state = ?1")?
+                    .execute([state])?;
+            }
+            Write::Event(e) => {
+                conn.prepare_cached(
+                    "INSERT INTO events (at, client, kind, detail) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![e.at, e.client, e.kind, e.detail])?;
+            }
+            Write::PruneEvents { before } => {
+                conn.prepare_cached("DELETE FROM events WHERE at < ?1")?
+                    .execute([before])?;
+                conn.prepare_cached("DELETE FROM pending_authorizations WHERE expires_at < ?1")?
+                    .execute([before])?;
+            }
+            Write::ForgetRemoved { before } => {
+                conn.prepare_cached(
+                    "DELETE FROM clients WHERE removed_at IS NOT NULL AND removed_at < ?1",
+                )?
+                .execute([before])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn load_all(conn: &Connection) -> rusqlite::Result<Vec<Stored>> {
+    let mut stmt = conn.prepare(
+        "SELECT c.name, c.status, c.fingerprint, c.reason, c.last_refresh_at, c.last_error, c.failures, c.removed_at, c.updated_at,
+                t.access_token, t.token_type, t.refresh_token, t.id_token, t.scope, t.expires_at, t.refresh_expires_at,
+                t.obtained_at, t.generation
+         FROM clients c LEFT JOIN tokens t ON t.client = c.name",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let row = ClientRow {
+            name: r.get(0)?,
+            status: r.get(1)?,
+            fingerprint: r.get(2)?,
+            reason: r.get(3)?,
+            last_refresh_at: r.get(4)?,
+            last_error: r.get(5)?,
+            failures: r.get(6)?,
+            removed_at: r.get(7)?,
+            updated_at: r.get(8)?,
+        };
+        let token = match r.get::<_, Option<String>>(9)? {
+            None => None,
+            Some(access) => Some((
+                TokenSet {
+                    access_token: Secret::new(access),
+                    token_type: r.get(10)?,
+                    refresh_token: r.get::<_, Option<String>>(11)?.map(Secret::new),
+                    id_token: r.get::<_, Option<String>>(12)?.map(Secret::new),
+                    scope: r.get(13)?,
+                    expires_at: r.get(14)?,
+                    refresh_expires_at: r.get(15)?,
+                    obtained_at: r.get(16)?,
+                },
+                r.get(17)?,
+            )),
+        };
+        Ok(Stored { row, token })
+    })?;
+    rows.collect()
+}
+
+/// Whether the database holds any row for `name` (tests and diagnostics).
+pub fn has_client(path: &Path, name: &str) -> Result<bool, StoreError> {
+    let conn = open_connection(path, false)?;
+    conn.query_row("SELECT 1 FROM clients WHERE name = ?1", [name], |_| Ok(()))
+        .optional()
+        .map(|r| r.is_some())
+        .map_err(read_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn row(name: &str) -> ClientRow {
+        ClientRow {
+            name: name.into(),
+            status: "valid".into(),
+            fingerprint: "f".into(),
+            reason: None,
+            last_refresh_at: None,
+            last_error: None,
+            failures: 0,
+            removed_at: None,
+            updated_at: 1,
+        }
+    }
+
+    fn token(at: &str) -> TokenSet {
+        TokenSet {
+            access_token: Secret::new(at),
+            token_type: "Bearer".into(),
+            refresh_token: Some(Secret::new("rt")),
+            id_token: None,
+            scope: Some("a b".into()),
+            expires_at: Some(5),
+            refresh_expires_at: None,
+            obtained_at: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn commits_survive_reopening_and_file_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/state.db");
+        let (store, writer) = Store::open(&path).unwrap();
+        store
+            .commit(vec![
+                Write::Client(row("a")),
+                Write::Token {
+                    client: "a".into(),
+                    token: Some((token("at1"), 1)),
+                },
+            ])
+            .await
+            .unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        drop(store);
+        writer.join().unwrap();
+
+        let (store, _writer) = Store::open(&path).unwrap();
+        let all = store.load().unwrap();
+        assert_eq!(all.len(), 1);
+        let (t, generation) = all[0].token.clone().unwrap();
+        assert_eq!((t, generation), (token("at1"), 1));
+    }
+
+    #[tokio::test]
+    async fn a_failing_unit_does_not_spoil_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _w) = Store::open(&dir.path().join("s.db")).unwrap();
+        // A token for a client that has no row breaks the foreign key: only that unit fails.
+        let bad = store.commit(vec![
+            Write::Client(row("x")),
+            Write::Token {
+                client: "nobody".into(),
+                token: Some((token("t"), 1)),
+            },
+        ]);
+        let good = store.commit(vec![Write::Client(row("b"))]);
+        let (bad, good) = tokio::join!(bad, good);
+        assert!(bad.is_err());
+        good.unwrap();
+        let names: Vec<String> = store
+            .load()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.row.name)
+            .collect();
+        assert_eq!(
+            names,
+            vec!["b".to_string()],
+            "the failed unit's client row was rolled back too"
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_units_are_group_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _w) = Store::open(&dir.path().join("s.db")).unwrap();
+        let units = (0..500).map(|i| {
+            let s = store.clone();
+            async move { s.commit(vec![Write::Client(row(&format!("c{i}")))]).await }
+        });
+        for r in futures::future::join_all(units).await {
+            r.unwrap();
+        }
+        assert_eq!(store.load().unwrap().len(), 500);
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("PRAGMA user_version = 99").unwrap();
+        drop(conn);
+        let e = Store::open(&path).err().unwrap();
+        assert!(e.to_string().contains("newer oauth2mci"), "{e}");
+    }
+}

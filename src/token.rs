@@ -1,0 +1,103 @@
+//! `TokenSet`: what a grant request yields and what the daemon keeps, serves and writes out.
+//! Times are Unix milliseconds of the wall clock, the unit the store and the API use too.
+
+use crate::secret::Secret;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenSet {
+    pub access_token: Secret,
+    /// As the server wrote it, except `bearer` normalised to `Bearer`.
+    pub token_type: String,
+    pub refresh_token: Option<Secret>,
+    pub id_token: Option<Secret>,
+    /// Space-separated granted scopes, when the server said.
+    pub scope: Option<String>,
+    /// When the access token expires; `None`: the server gave no lifetime.
+    pub expires_at: Option<i64>,
+    /// When the refresh token expires, when the server said.
+    pub refresh_expires_at: Option<i64>,
+    pub obtained_at: i64,
+}
+
+impl TokenSet {
+    /// How long the access token stays valid after `now`; `None` for a token without expiry.
+    pub fn remaining(&self, now: i64) -> Option<i64> {
+        self.expires_at.map(|at| at - now)
+    }
+
+    /// Whether the access token is still valid `min_valid` after `now`.
+    pub fn valid_for(&self, now: i64, min_valid: Duration) -> bool {
+        self.remaining(now)
+            .is_none_or(|left| left > min_valid.as_millis() as i64)
+    }
+
+    /// The lifetime the server granted, when it gave one.
+    pub fn lifetime(&self) -> Option<i64> {
+        self.expires_at.map(|at| at - self.obtained_at)
+    }
+
+    /// A refresh response may omit the refresh token (Google, Dropbox...), which then stays the
+    /// one we have: keep it rather than lose the grant.
+    pub fn carry_over(mut self, previous: &TokenSet) -> TokenSet {
+        if self.refresh_token.is_none() {
+            self.refresh_token = previous.refresh_token.clone();
+            if self.refresh_expires_at.is_none() {
+                self.refresh_expires_at = previous.refresh_expires_at;
+            }
+        }
+        if self.id_token.is_none() {
+            self.id_token = previous.id_token.clone();
+        }
+        if self.scope.is_none() {
+            self.scope = previous.scope.clone();
+        }
+        self
+    }
+}
+
+/// Wall-clock time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(rt: Option<&str>, expires_at: Option<i64>) -> TokenSet {
+        TokenSet {
+            access_token: Secret::new("at"),
+            token_type: "Bearer".into(),
+            refresh_token: rt.map(Secret::new),
+            id_token: None,
+            scope: None,
+            expires_at,
+            refresh_expires_at: None,
+            obtained_at: 0,
+        }
+    }
+
+    #[test]
+    fn validity() {
+        let t = token(None, Some(10_000));
+        assert!(t.valid_for(0, Duration::from_secs(9)));
+        assert!(!t.valid_for(0, Duration::from_secs(10)));
+        assert!(token(None, None).valid_for(i64::MAX, Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn refresh_token_is_kept_when_omitted_and_replaced_when_rotated() {
+        let old = token(Some("rt1"), Some(1));
+        assert_eq!(
+            token(None, None).carry_over(&old).refresh_token,
+            Some(Secret::new("rt1"))
+        );
+        assert_eq!(
+            token(Some("rt2"), None).carry_over(&old).refresh_token,
+            Some(Secret::new("rt2"))
+        );
+    }
+}
