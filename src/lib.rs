@@ -3,12 +3,18 @@
 //! The binary (`src/main.rs`) is a thin shell over this library so that integration tests and
 //! benchmarks can reach the same code.
 
+pub mod api;
+pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod notify;
 pub mod oauth;
 pub mod provider;
+pub mod redirect;
+pub mod registry;
 pub mod scheduler;
 pub mod secret;
 pub mod sink;
 pub mod store;
 pub mod token;
+pub mod wire;

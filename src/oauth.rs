@@ -51,6 +51,16 @@ impl fmt::Display for GrantError {
 impl std::error::Error for GrantError {}
 
 impl GrantError {
+    /// A failure only a new authorization can cure, found without asking the server.
+    pub fn needs_user(message: impl Into<String>) -> Self {
+        GrantError {
+            class: ErrorClass::NeedsUser,
+            code: None,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
     fn transient(message: String) -> Self {
         GrantError {
             class: ErrorClass::Transient,

@@ -1,0 +1,438 @@
+//! The socket API: HTTP/1.1 + JSON over the daemon's Unix socket (`curl --unix-socket` works).
+//!
+//! Every connection is served by its own task, so a consumer that holds a connection open (or
+//! waits for a slow refresh) delays nobody else; at most `limits.max_connections` are served at
+//! once and more wait in the listen backlog. Errors are `{"error": code, "message": text}`.
+
+use crate::registry::{Registry, RegistryError, Trigger};
+use crate::token::now_ms;
+use crate::wire::{self, ErrorReply, Health, ReloadReply, TokenReply};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path as FsPath;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The longest a request may wait for an authorization to finish (`?wait=`).
+const MAX_WAIT: Duration = Duration::from_secs(300);
+/// A connection that has not sent its request headers by then is closed.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An API error: a status and the JSON body.
+pub struct ApiError(StatusCode, ErrorReply);
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
+        ApiError(
+            status,
+            ErrorReply {
+                error: code.to_string(),
+                message: message.into(),
+            },
+        )
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, wire::code::BAD_REQUEST, message)
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> ApiError {
+        let status = match &e {
+            RegistryError::UnknownClient(_) => StatusCode::NOT_FOUND,
+            RegistryError::NeedsAuthorization { .. } => StatusCode::CONFLICT,
+            RegistryError::Server { .. } => StatusCode::BAD_GATEWAY,
+            RegistryError::NotSupported(_) | RegistryError::BadRequest(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            RegistryError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            RegistryError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.code(), e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.0, Json(self.1)).into_response();
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+pub fn router(registry: Arc<Registry>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/clients", get(list))
+        .route("/v1/clients/{name}", get(show))
+        .route("/v1/clients/{name}/token", get(token).delete(forget))
+        .route("/v1/clients/{name}/refresh", post(refresh))
+        .route("/v1/clients/{name}/authorize", post(authorize))
+        .route("/v1/clients/{name}/authorization", get(authorization))
+        .route("/v1/clients/{name}/events", get(events))
+        .route("/v1/reload", post(reload))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                wire::code::NOT_FOUND,
+                "no such endpoint; see GET /v1/health",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                wire::code::BAD_REQUEST,
+                "this endpoint does not take that method",
+            )
+        })
+        .with_state(registry)
+}
+
+/// Query parameters, refusing ones the endpoint does not know (a typo must not pass silently).
+fn query(raw: Option<String>, known: &[&str]) -> Result<HashMap<String, String>, ApiError> {
+    let mut params = HashMap::new();
+    for (k, v) in url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        if !known.contains(&k.as_ref()) {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter {k:?}; this endpoint takes: {}",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        }
+        params.insert(k.into_owned(), v.into_owned());
+    }
+    Ok(params)
+}
+
+/// `60` (seconds) or a duration with a unit (`5m`).
+fn duration_param(
+    params: &HashMap<String, String>,
+    name: &str,
+) -> Result<Option<Duration>, ApiError> {
+    let Some(v) = params.get(name) else {
+        return Ok(None);
+    };
+    let parsed = match v.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(v).map_err(|e| e.to_string()),
+    };
+    parsed.map(Some).map_err(|e| {
+        ApiError::bad_request(format!(
+            "{name}={v:?} is not a duration (seconds, or like 90s or 5m): {e}"
+        ))
+    })
+}
+
+async fn health(State(r): State<Arc<Registry>>) -> Json<Health> {
+    Json(Health {
+        status: if r.shutdown.is_cancelled() {
+            "stopping"
+        } else {
+            "ok"
+        }
+        .into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        clients: r.list().len(),
+        config: r.config().file.display().to_string(),
+    })
+}
+
+async fn list(State(r): State<Arc<Registry>>) -> Json<Vec<wire::ClientInfo>> {
+    Json(r.list())
+}
+
+async fn show(
+    State(r): State<Arc<Registry>>,
+    Path(name): Path<String>,
+) -> ApiResult<wire::ClientInfo> {
+    Ok(Json(r.info(&name)?))
+}
+
+async fn token(
+    State(r): State<Arc<Registry>>,
+    Path(name): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = query(raw, &["min_valid"])?;
+    let min_valid = duration_param(&params, "min_valid")?.unwrap_or(Duration::ZERO);
+    let t = r.token(&name, min_valid).await?;
+    let now = now_ms();
+    let reply = TokenReply {
+        access_token: t.access_token.expose().to_string(),
+        token_type: t.token_type.clone(),
+        expires_at: t.expires_at,
+        expires_in: t.remaining(now).map(|ms| ms.div_euclid(1000)),
+        scope: t.scope.clone(),
+    };
+    let mut response = Json(reply).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+async fn refresh(
+    State(r): State<Arc<Registry>>,
+    Path(name): Path<String>,
+) -> ApiResult<wire::ClientInfo> {
+    let client = r
+        .client(&name)
+        .ok_or_else(|| RegistryError::UnknownClient(name.clone()))?;
+    r.refresh(&client, Trigger::Manual).await?;
+    Ok(Json(r.info(&name)?))
+}
+
+async fn authorize(
+    State(r): State<Arc<Registry>>,
+    Path(name): Path<String>,
+) -> ApiResult<wire::AuthorizeReply> {
+    Ok(Json(r.authorize(&name).await?))
+}
+
+async fn authorization(
+    State(r): State<Arc<Registry>>,
+    Path(name): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<wire::AuthorizationOutcome> {
+    let params = query(raw, &["state", "wait"])?;
+    let wait = duration_param(&params, "wait")?
+        .unwrap_or(Duration::ZERO)
+        .min(MAX_WAIT);
+    Ok(Json(
+        r.authorization(&name, params.get("state").map(String::as_str), wait)
+            .await?,
+    ))
+}
+
+async fn forget(
+    State(r): State<Arc<Registry>>,
+    Path(name): Path<String>,
+) -> ApiResult<wire::ClientInfo> {
+    r.forget_token(&name).await?;
+    Ok(Json(r.info(&name)?))
+}
+
+async fn events(
+    State(r): State<Arc<Registry>>,
+    Path(name): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<Vec<crate::store::Event>> {
+    r.info(&name)?;
+    let params = query(raw, &["limit"])?;
+    let limit = match params.get("limit") {
+        None => 50,
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=10_000).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("limit={v:?}: expected a number from 1 to 10000"))
+            })?,
+    };
+    let store = r.store().clone();
+    let events = tokio::task::spawn_blocking(move || store.events(&name, limit))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                wire::code::INTERNAL,
+                e.to_string(),
+            )
+        })?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                wire::code::INTERNAL,
+                e.to_string(),
+            )
+        })?;
+    Ok(Json(events))
+}
+
+async fn reload(State(r): State<Arc<Registry>>) -> ApiResult<ReloadReply> {
+    match r.reload().await {
+        Ok(changes) => Ok(Json(ReloadReply { changes })),
+        Err(e) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            wire::code::CONFIG_ERROR,
+            e,
+        )),
+    }
+}
+
+async fn metrics(State(r): State<Arc<Registry>>) -> Response {
+    let mut out = String::new();
+    let c = &r.counters;
+    let counter = |out: &mut String, name: &str, help: &str, values: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (labels, v) in values {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    counter(
+        &mut out,
+        "oauth2mci_grant_requests_total",
+        "Token requests by outcome.",
+        &[
+            ("{outcome=\"ok\"}", load(&c.refresh_ok)),
+            ("{outcome=\"failed\"}", load(&c.refresh_failed)),
+        ],
+    );
+    counter(
+        &mut out,
+        "oauth2mci_authorizations_total",
+        "Authorizations completed.",
+        &[("", load(&c.authorizations))],
+    );
+    counter(
+        &mut out,
+        "oauth2mci_sink_errors_total",
+        "Token files that could not be written.",
+        &[("", load(&c.sink_errors))],
+    );
+    counter(
+        &mut out,
+        "oauth2mci_store_errors_total",
+        "Database writes that failed.",
+        &[("", load(&c.store_errors))],
+    );
+    counter(
+        &mut out,
+        "oauth2mci_reloads_total",
+        "Configuration reloads by outcome.",
+        &[
+            ("{outcome=\"ok\"}", load(&c.reloads)),
+            ("{outcome=\"refused\"}", load(&c.reload_errors)),
+        ],
+    );
+    let _ = writeln!(
+        out,
+        "# HELP oauth2mci_clients Clients by status.\n# TYPE oauth2mci_clients gauge"
+    );
+    for (status, n) in r.status_counts() {
+        let _ = writeln!(out, "oauth2mci_clients{{status=\"{status}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP oauth2mci_token_expires_in_seconds Seconds until each client's access token expires.\n# TYPE oauth2mci_token_expires_in_seconds gauge"
+    );
+    for info in r.list() {
+        if let Some(s) = info.expires_in {
+            let _ = writeln!(
+                out,
+                "oauth2mci_token_expires_in_seconds{{client=\"{}\"}} {s}",
+                info.name
+            );
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Binds the socket: refuses if a daemon already answers there, replaces a stale socket file,
+/// and gives it `mode` (and `gid`) before anyone can connect.
+pub fn bind(path: &FsPath, mode: u32, gid: Option<u32>) -> Result<UnixListener, String> {
+    if let Some(dir) = path.parent() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!(
+                "another oauth2mci daemon is already listening on {}",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove the stale socket {}: {e}", path.display()))?;
+    }
+    // The socket is created with the umask's permissions; make them the strictest until chmod.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(|e| format!("cannot give {} to group {gid}: {e}", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    UnixListener::from_std(listener).map_err(|e| e.to_string())
+}
+
+/// Serves the API until `shutdown`; open connections get a moment to finish.
+pub async fn serve(
+    listener: UnixListener,
+    registry: Arc<Registry>,
+    max_connections: usize,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let app = router(registry);
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!("socket accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!("socket connection: {e}");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+                }
+            }
+        });
+    }
+}

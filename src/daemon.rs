@@ -1,0 +1,347 @@
+//! The daemon's lifecycle: start-up (config, lock, store, socket), the background drivers
+//! (signals, config watcher, cron jobs, systemd watchdog) and an orderly shutdown.
+//!
+//! Shutdown order matters: stop taking requests, let grant requests in flight finish (a rotated
+//! refresh token that is not saved is lost), then close the store and remove the socket file.
+
+use crate::api;
+use crate::config::{self, Config};
+use crate::registry::Registry;
+use crate::store::Store;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long after the last change to the config file a reload waits (editors write in bursts).
+const RELOAD_DEBOUNCE: Duration = Duration::from_millis(300);
+
+/// Why the daemon could not run; printed as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Config(#[from] config::ConfigError),
+    #[error("{0}")]
+    Start(String),
+}
+
+/// Runs the daemon in the foreground until SIGTERM or SIGINT.
+pub fn run(config_file: &Path) -> Result<(), DaemonError> {
+    let config = Arc::new(config::load(config_file)?);
+    init_logging(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("oauth2mci")
+        .build()
+        .map_err(|e| DaemonError::Start(format!("cannot start the async runtime: {e}")))?;
+    let result = runtime.block_on(serve(config));
+    // Hooks still running after the grace period are not worth waiting for.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    result
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("OAUTH2MCI_LOG")
+        .ok()
+        .or_else(|| config.log_level.clone())
+        .unwrap_or_else(|| "info".into());
+    // The cron library narrates its own start-up at info; keep that out unless asked for.
+    let filter = if filter.contains("tokio_cron_scheduler") {
+        filter
+    } else {
+        format!("{filter},tokio_cron_scheduler=warn")
+    };
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // Under systemd the journal stamps each line itself, and colours would be noise.
+    let result = if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder
+            .without_time()
+            .with_ansi(false)
+            .with_target(false)
+            .try_init()
+    } else {
+        builder.with_target(false).try_init()
+    };
+    let _ = result;
+}
+
+async fn serve(config: Arc<Config>) -> Result<(), DaemonError> {
+    let start = |e: String| DaemonError::Start(e);
+    let _lock = lock_state_dir(&config.paths.state_dir).map_err(start)?;
+    let (store, writer) =
+        Store::open(&config.paths.database()).map_err(|e| start(e.to_string()))?;
+    let listener = api::bind(
+        &config.paths.socket,
+        config.socket.mode,
+        config.socket.group.as_ref().map(|g| g.gid),
+    )
+    .map_err(start)?;
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let registry =
+        Registry::start(config.clone(), store, shutdown.clone(), tasks.clone()).map_err(start)?;
+    let api_task = tokio::spawn(api::serve(
+        listener,
+        registry.clone(),
+        config.limits.max_connections,
+        shutdown.clone(),
+        tasks.clone(),
+    ));
+    let signals = signal_handler(registry.clone()).map_err(start)?;
+    let watcher = watch_config(registry.clone()).map_err(start)?;
+    let cron = start_cron(registry.clone()).await.map_err(start)?;
+    tracing::info!(
+        config = %config.file.display(),
+        socket = %config.paths.socket.display(),
+        clients = config.clients.len(),
+        "oauth2mci {} ready",
+        env!("CARGO_PKG_VERSION")
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let watchdog = tokio::spawn(watchdog(shutdown.clone()));
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    drop(watcher);
+    signals.close();
+    if let Some(mut cron) = cron {
+        let _ = cron.shutdown().await;
+    }
+    let _ = api_task.await;
+    watchdog.abort();
+    // A grant request in flight may rotate the refresh token: give it time to land in the store.
+    tasks.close();
+    let grace = registry.config().limits.request_timeout + Duration::from_secs(5);
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        tracing::warn!("some tasks did not finish within {grace:?}; stopping anyway");
+    }
+    let socket = registry.config().paths.socket.clone();
+    drop(registry);
+    if let Err(e) = std::fs::remove_file(&socket)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!("cannot remove the socket {}: {e}", socket.display());
+    }
+    // Every commit was awaited, so this only lets the writer close the database cleanly.
+    let joined = tokio::task::spawn_blocking(move || writer.join());
+    if tokio::time::timeout(Duration::from_secs(5), joined)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the database writer did not close in time");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// One daemon per state folder: two would refresh the same tokens and invalidate each other's
+/// rotated refresh tokens.
+fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create the state folder {}: {e}", dir.display()))?;
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        format!(
+            "another oauth2mci daemon is using the state folder {} ({e})",
+            dir.display()
+        )
+    })
+}
+
+/// SIGTERM and SIGINT stop the daemon; SIGHUP reloads the config.
+fn signal_handler(registry: Arc<Registry>) -> Result<signal_hook_tokio::Handle, String> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let handle = signals.handle();
+    tokio::spawn(async move {
+        while let Some(signal) = signals.next().await {
+            if signal == SIGHUP {
+                tracing::info!("SIGHUP: reloading the configuration");
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+                let _ = registry.reload().await;
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            } else {
+                registry.shutdown.cancel();
+                return;
+            }
+        }
+    });
+    Ok(handle)
+}
+
+/// Watches the config file's folder (editors save by renaming a new file over the old one, which
+/// a watch on the file itself would lose) and reloads after the writes settle.
+fn watch_config(registry: Arc<Registry>) -> Result<notify::RecommendedWatcher, String> {
+    use notify::{RecursiveMode, Watcher};
+    let file = registry.config().file.clone();
+    let dir = file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let name = file.file_name().map(|n| n.to_os_string());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if event.kind.is_access() {
+            return;
+        }
+        if event
+            .paths
+            .iter()
+            .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
+        {
+            let _ = tx.send(());
+        }
+    })
+    .map_err(|e| format!("cannot watch the configuration: {e}"))?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
+    let shutdown = registry.shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                got = rx.recv() => if got.is_none() { return },
+            }
+            // Wait until the file has been quiet for a moment.
+            loop {
+                match tokio::time::timeout(RELOAD_DEBOUNCE, rx.recv()).await {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+            }
+            tracing::info!("the configuration file changed: reloading");
+            let _ = registry.reload().await;
+        }
+    });
+    Ok(watcher)
+}
+
+/// Cron jobs: history pruning, and the `cron:` refresh schedules of clients, kept in step with
+/// reloads.
+async fn start_cron(registry: Arc<Registry>) -> Result<Option<JobScheduler>, String> {
+    let scheduler = JobScheduler::new()
+        .await
+        .map_err(|e| format!("cannot start the cron scheduler: {e}"))?;
+    let history = registry.config().history.clone();
+    // Jobs hold the registry weakly: the cron scheduler may outlive it, and the registry's
+    // store must close at shutdown.
+    let pruner = Arc::downgrade(&registry);
+    let prune = Job::new_async(history.prune_schedule.0.as_str(), move |_, _| {
+        let registry = pruner.upgrade();
+        Box::pin(async move {
+            if let Some(registry) = registry {
+                prune_history(&registry).await;
+            }
+        })
+    })
+    .map_err(|e| format!("history.prune_schedule: {e}"))?;
+    scheduler.add(prune).await.map_err(|e| e.to_string())?;
+    scheduler
+        .start()
+        .await
+        .map_err(|e| format!("cannot start the cron scheduler: {e}"))?;
+    prune_history(&registry).await;
+
+    let jobs = scheduler.clone();
+    let mut versions = registry.config_versions();
+    tokio::spawn(async move {
+        let mut current: HashMap<Arc<str>, (String, uuid::Uuid)> = HashMap::new();
+        loop {
+            sync_client_cron(&jobs, &registry, &mut current).await;
+            tokio::select! {
+                _ = registry.shutdown.cancelled() => return,
+                changed = versions.changed() => if changed.is_err() { return },
+            }
+        }
+    });
+    Ok(Some(scheduler))
+}
+
+async fn prune_history(registry: &Registry) {
+    let history = registry.config().history.clone();
+    let writes = registry.prune(history.retention, history.keep_removed);
+    if let Err(e) = registry.store().commit(writes).await {
+        tracing::error!("cannot prune the history: {e}");
+    }
+}
+
+async fn sync_client_cron(
+    jobs: &JobScheduler,
+    registry: &Arc<Registry>,
+    current: &mut HashMap<Arc<str>, (String, uuid::Uuid)>,
+) {
+    let wanted: HashMap<Arc<str>, String> = registry.cron_clients().into_iter().collect();
+    let stale: Vec<Arc<str>> = current
+        .iter()
+        .filter(|(name, (expr, _))| wanted.get(*name) != Some(expr))
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in stale {
+        if let Some((_, id)) = current.remove(&name) {
+            let _ = jobs.remove(&id).await;
+        }
+    }
+    for (name, expr) in wanted {
+        if current.contains_key(&name) {
+            continue;
+        }
+        let weak = Arc::downgrade(registry);
+        let client = name.clone();
+        let job = Job::new_async(expr.as_str(), move |_, _| {
+            let registry = weak.upgrade();
+            let client = client.clone();
+            Box::pin(async move {
+                if let Some(registry) = registry {
+                    registry.cron_refresh(&client).await;
+                }
+            })
+        });
+        match job {
+            Ok(job) => match jobs.add(job).await {
+                Ok(id) => {
+                    current.insert(name, (expr, id));
+                }
+                Err(e) => tracing::error!(client = %name, "cannot schedule the cron refresh: {e}"),
+            },
+            Err(e) => tracing::error!(client = %name, "cron {expr:?}: {e}"),
+        }
+    }
+}
+
+/// Tells systemd we are alive, if it asked (WatchdogSec=).
+async fn watchdog(shutdown: CancellationToken) {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(interval / 2);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => { let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]); }
+        }
+    }
+}

@@ -1,0 +1,1435 @@
+//! The registry: every client's live state, and the one place that changes it.
+//!
+//! Each client keeps its state behind a std mutex that is never held across an await, and a
+//! single-flight lock: only one grant request per client is ever in flight, and whoever arrives
+//! while one runs waits for it and takes its result. Every change is committed to the store before
+//! it shows in memory, and a token reaches its sinks only after that.
+
+use crate::config::{ClientConfig, Config, Grant, SinkConfig};
+use crate::notify::{self, Kind, Notice};
+use crate::oauth::{self, Engine, ErrorClass, GrantError, Pkce};
+use crate::redirect::{self, Callback, Hub, PendingAuth};
+use crate::scheduler::{self, Scheduler};
+use crate::sink;
+use crate::store::{ClientRow, Event, PendingRow, Store, Stored, Write};
+use crate::token::{TokenSet, now_ms};
+use crate::wire::{self, AuthorizationOutcome, AuthorizeReply, ClientInfo};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use url::Url;
+
+/// Where a client stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Unauthorized,
+    Authorizing,
+    Valid,
+    Refreshing,
+    Retrying,
+    NeedsReauth,
+    Revoked,
+    Disabled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Unauthorized => "unauthorized",
+            Status::Authorizing => "authorizing",
+            Status::Valid => "valid",
+            Status::Refreshing => "refreshing",
+            Status::Retrying => "retrying",
+            Status::NeedsReauth => "needs_reauth",
+            Status::Revoked => "revoked",
+            Status::Disabled => "disabled",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Status> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+
+    /// Whether the client holds a grant the daemon may use without the user.
+    fn has_grant(self) -> bool {
+        matches!(self, Status::Valid | Status::Refreshing | Status::Retrying)
+    }
+}
+
+/// Why a request to the registry failed; the API turns each into a status code.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegistryError {
+    #[error("no client named {0:?} in the configuration")]
+    UnknownClient(String),
+    #[error("{client} needs authorization: {reason}")]
+    NeedsAuthorization { client: String, reason: String },
+    #[error("{client}: {message}")]
+    Server { client: String, message: String },
+    #[error("{0}")]
+    NotSupported(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl RegistryError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            RegistryError::UnknownClient(_) => wire::code::UNKNOWN_CLIENT,
+            RegistryError::NeedsAuthorization { .. } => wire::code::NEEDS_AUTHORIZATION,
+            RegistryError::Server { .. } => wire::code::SERVER_ERROR,
+            RegistryError::NotSupported(_) => wire::code::NOT_SUPPORTED,
+            RegistryError::BadRequest(_) => wire::code::BAD_REQUEST,
+            RegistryError::ShuttingDown => wire::code::SHUTTING_DOWN,
+            RegistryError::Internal(_) => wire::code::INTERNAL,
+        }
+    }
+}
+
+/// What made a refresh happen; it decides whether a refresh that just finished is good enough.
+#[derive(Debug, Clone, Copy)]
+pub enum Trigger {
+    /// The client's deadline came.
+    Scheduled,
+    /// A consumer needs a token valid for this long.
+    Demand(Duration),
+    /// `oauth2mci refresh`: a new token even if the current one is fine.
+    Manual,
+}
+
+#[derive(Debug, Clone)]
+struct ClientState {
+    status: Status,
+    token: Option<TokenSet>,
+    /// Counts tokens stored for this client; a refresh that sees it move knows another finished.
+    generation: i64,
+    /// Fingerprint of the configuration the token was issued under.
+    fingerprint: String,
+    reason: Option<String>,
+    failures: u32,
+    last_refresh_at: Option<i64>,
+    last_error: Option<String>,
+    next_refresh_at: Option<i64>,
+    removed_at: Option<i64>,
+    /// The user was told that only they can help; not again until the client recovers.
+    reauth_notified: bool,
+    error_notified: bool,
+}
+
+impl ClientState {
+    fn row(&self, name: &str) -> ClientRow {
+        ClientRow {
+            name: name.to_string(),
+            status: self.status.as_str().to_string(),
+            fingerprint: self.fingerprint.clone(),
+            reason: self.reason.clone(),
+            last_refresh_at: self.last_refresh_at,
+            last_error: self.last_error.clone(),
+            failures: self.failures,
+            removed_at: self.removed_at,
+            updated_at: now_ms(),
+        }
+    }
+}
+
+/// One client: its configuration, state, single-flight lock and authorization outcome.
+pub struct Client {
+    pub name: Arc<str>,
+    config: RwLock<Arc<ClientConfig>>,
+    state: Mutex<ClientState>,
+    flight: tokio::sync::Mutex<()>,
+    authorization: watch::Sender<Option<AuthorizationOutcome>>,
+}
+
+impl Client {
+    pub fn config(&self) -> Arc<ClientConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn state(&self) -> MutexGuard<'_, ClientState> {
+        // A panic elsewhere must not take every later request down with it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_outcome(&self, outcome: AuthorizationOutcome) {
+        self.authorization.send_replace(Some(outcome));
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct Counters {
+    pub refresh_ok: AtomicU64,
+    pub refresh_failed: AtomicU64,
+    pub authorizations: AtomicU64,
+    pub sink_errors: AtomicU64,
+    pub store_errors: AtomicU64,
+    pub reloads: AtomicU64,
+    pub reload_errors: AtomicU64,
+}
+
+pub struct Registry {
+    clients: RwLock<BTreeMap<Arc<str>, Arc<Client>>>,
+    config: RwLock<Arc<Config>>,
+    store: Store,
+    engine: Engine,
+    scheduler: Scheduler,
+    endpoints: Mutex<HashMap<String, Arc<Semaphore>>>,
+    pub(crate) redirects: Hub,
+    pub tasks: TaskTracker,
+    pub shutdown: CancellationToken,
+    pub counters: Counters,
+    /// Reloads come from SIGHUP, the file watcher and the API; one at a time.
+    reload_lock: tokio::sync::Mutex<()>,
+    /// Bumped after each applied configuration, for those who follow it (cron jobs).
+    versions: watch::Sender<u64>,
+}
+
+impl Registry {
+    /// Builds the registry from the configuration and what the store remembers, and starts
+    /// the timers.
+    pub fn start(
+        config: Arc<Config>,
+        store: Store,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Result<Arc<Registry>, String> {
+        let engine = Engine::new(config.limits.request_timeout)?;
+        let stored = store.load().map_err(|e| e.to_string())?;
+        let pending = store.pending().map_err(|e| e.to_string())?;
+        let (fire_tx, mut fire_rx) = tokio::sync::mpsc::unbounded_channel::<Arc<str>>();
+        let (scheduler, _driver) = Scheduler::start(
+            move |name| {
+                let _ = fire_tx.send(name);
+            },
+            now_ms,
+            shutdown.clone(),
+        );
+        let registry = Arc::new(Registry {
+            clients: RwLock::new(BTreeMap::new()),
+            config: RwLock::new(config.clone()),
+            store,
+            engine,
+            scheduler,
+            endpoints: Mutex::new(HashMap::new()),
+            redirects: Hub::new(shutdown.clone()),
+            tasks: tasks.clone(),
+            shutdown,
+            counters: Counters::default(),
+            reload_lock: tokio::sync::Mutex::new(()),
+            versions: watch::Sender::new(0),
+        });
+        registry.restore(&config, stored);
+        registry.resume_authorizations(pending);
+        let driver = registry.clone();
+        tasks.spawn(async move {
+            while let Some(name) = fire_rx.recv().await {
+                let registry = driver.clone();
+                driver.tasks.spawn(async move {
+                    if let Some(client) = registry.client(&name) {
+                        let _ = registry.refresh(&client, Trigger::Scheduled).await;
+                    }
+                });
+            }
+        });
+        Ok(registry)
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn client(&self, name: &str) -> Option<Arc<Client>> {
+        self.clients
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn known(&self, name: &str) -> Result<Arc<Client>, RegistryError> {
+        self.client(name)
+            .ok_or_else(|| RegistryError::UnknownClient(name.to_string()))
+    }
+
+    fn all(&self) -> Vec<Arc<Client>> {
+        self.clients
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Counts of clients per status, for `/metrics` and health.
+    pub fn status_counts(&self) -> BTreeMap<&'static str, usize> {
+        let mut counts = BTreeMap::new();
+        for c in self.all() {
+            *counts.entry(effective_status(&c).as_str()).or_default() += 1;
+        }
+        counts
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Start-up and reconfiguration.
+
+    fn restore(&self, config: &Config, stored: Vec<Stored>) {
+        let mut by_name: HashMap<String, Stored> = stored
+            .into_iter()
+            .map(|s| (s.row.name.clone(), s))
+            .collect();
+        let mut clients = BTreeMap::new();
+        for (name, cfg) in &config.clients {
+            let client = new_client(cfg.clone(), by_name.remove(name.as_str()));
+            clients.insert(client.name.clone(), client);
+        }
+        // Clients the config no longer names are kept (disabled) so that putting them back
+        // needs no new authorization, until history.keep_removed forgets them.
+        let mut writes = Vec::new();
+        for (_, s) in by_name {
+            if s.row.status != Status::Disabled.as_str() || s.row.removed_at.is_none() {
+                let mut row = s.row.clone();
+                row.status = Status::Disabled.as_str().into();
+                row.removed_at = Some(row.removed_at.unwrap_or_else(now_ms));
+                writes.push(Write::Client(row));
+            }
+        }
+        if !writes.is_empty() {
+            let store = self.store.clone();
+            self.tasks.spawn(async move {
+                if let Err(e) = store.commit(writes).await {
+                    tracing::error!("cannot record removed clients: {e}");
+                }
+            });
+        }
+        for client in clients.values() {
+            self.schedule_from_state(client);
+        }
+        *self.clients.write().unwrap_or_else(|p| p.into_inner()) = clients;
+    }
+
+    /// Authorizations that were waiting for the browser when the daemon stopped listen again.
+    fn resume_authorizations(self: &Arc<Self>, pending: Vec<PendingRow>) {
+        let now = now_ms();
+        for row in pending {
+            let resumable = row.expires_at > now
+                && self.client(&row.client).is_some()
+                && Url::parse(&row.redirect_uri).is_ok();
+            if !resumable {
+                self.forget_pending(row.state);
+                continue;
+            }
+            let Some(client) = self.client(&row.client) else {
+                continue;
+            };
+            let Ok(uri) = Url::parse(&row.redirect_uri) else {
+                continue;
+            };
+            let pending = PendingAuth {
+                client: client.name.clone(),
+                state: row.state.clone(),
+                verifier: row.pkce_verifier.clone(),
+                redirect_uri: uri.clone(),
+                fingerprint: client.config().fingerprint(),
+                expires_at: row.expires_at,
+            };
+            match self.redirects.register(self.clone(), &uri, pending) {
+                Ok(_) => {
+                    tracing::info!(client = %row.client, "waiting again for the browser to finish an authorization started before the restart");
+                    client.set_outcome(outcome(&row.state, "pending", None, None));
+                    self.expire_later(&client, &row.state, row.expires_at);
+                }
+                Err(e) => {
+                    tracing::warn!(client = %row.client, "an authorization started before the restart cannot continue: {e}");
+                    self.forget_pending(row.state);
+                }
+            }
+        }
+    }
+
+    fn forget_pending(&self, state: String) {
+        let store = self.store.clone();
+        self.tasks.spawn(async move {
+            let _ = store.commit(vec![Write::PendingDone { state }]).await;
+        });
+    }
+
+    /// Reads the configuration file again and applies it; a bad file changes nothing.
+    pub async fn reload(self: &Arc<Self>) -> Result<Vec<String>, String> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let file = self.config().file.clone();
+        let loaded = tokio::task::spawn_blocking(move || crate::config::load(&file))
+            .await
+            .map_err(|e| format!("the config loader failed: {e}"))?;
+        match loaded {
+            Ok(new) => {
+                let changes = self.apply(Arc::new(new)).await;
+                self.counters.reloads.fetch_add(1, Ordering::Relaxed);
+                if changes.is_empty() {
+                    tracing::info!("configuration reloaded: nothing changed");
+                }
+                for change in &changes {
+                    tracing::info!("configuration reloaded: {change}");
+                }
+                Ok(changes)
+            }
+            Err(e) => {
+                self.counters.reload_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("configuration not reloaded, the previous one keeps running: {e}");
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Applies a new configuration; returns what changed, for the log and `reload`.
+    pub async fn apply(self: &Arc<Self>, new: Arc<Config>) -> Vec<String> {
+        let old = self.config();
+        let mut changes = Vec::new();
+        if old.paths != new.paths || old.socket != new.socket {
+            changes.push("paths and socket settings take effect at the next restart".into());
+        }
+        let mut writes = Vec::new();
+        let now = now_ms();
+        let existing = self.all();
+        for client in &existing {
+            if new.clients.contains_key(&*client.name) {
+                continue;
+            }
+            let mut st = client.state();
+            if st.status != Status::Disabled {
+                st.status = Status::Disabled;
+                st.removed_at = Some(now);
+                st.next_refresh_at = None;
+                writes.push(Write::Client(st.row(&client.name)));
+                writes.push(event(
+                    &client.name,
+                    "removed",
+                    "removed from the configuration",
+                ));
+                self.scheduler.remove(client.name.clone());
+                changes.push(format!(
+                    "{}: removed (tokens kept, refresh stopped)",
+                    client.name
+                ));
+            }
+        }
+        let mut added = Vec::new();
+        let mut rewrite_sinks = Vec::new();
+        for (name, cfg) in &new.clients {
+            let Some(client) = self.client(name) else {
+                let stored = self
+                    .store
+                    .load()
+                    .ok()
+                    .and_then(|all| all.into_iter().find(|s| s.row.name == *name));
+                let client = new_client(cfg.clone(), stored);
+                changes.push(format!("{name}: added"));
+                writes.push(Write::Client(client.state().row(name)));
+                added.push(client);
+                continue;
+            };
+            let old_cfg = client.config();
+            let was_disabled = client.state().status == Status::Disabled;
+            if *old_cfg == **cfg && !was_disabled {
+                continue;
+            }
+            *client.config.write().unwrap_or_else(|p| p.into_inner()) = cfg.clone();
+            let mut st = client.state();
+            if was_disabled {
+                st.removed_at = None;
+                st.status = restored_status(&st, cfg);
+                changes.push(format!("{name}: back in the configuration"));
+            }
+            if cfg.fingerprint() != old_cfg.fingerprint() {
+                if st.token.is_some() && st.fingerprint != cfg.fingerprint() {
+                    st.status = Status::NeedsReauth;
+                    st.reason = Some(
+                        "client_id, token URL, scopes or grant changed: its tokens were issued for another identity"
+                            .into(),
+                    );
+                    changes.push(format!("{name}: identity changed, needs authorization"));
+                } else if st.token.is_some() {
+                    // The edit was undone: the stored grant fits again.
+                    st.status = restored_status(&st, cfg);
+                    st.reason = None;
+                    changes.push(format!("{name}: identity restored"));
+                }
+            } else if !was_disabled {
+                changes.push(format!("{name}: settings changed"));
+            }
+            if old_cfg.sinks != cfg.sinks {
+                rewrite_sinks.push((client.clone(), old_cfg.sinks.clone()));
+            }
+            // A client failing because of its settings gets a fresh attempt with the new ones.
+            if st.status == Status::Retrying {
+                st.failures = 0;
+            }
+            writes.push(Write::Client(st.row(name)));
+            drop(st);
+            self.schedule_from_state(&client);
+        }
+        {
+            let mut clients = self.clients.write().unwrap_or_else(|p| p.into_inner());
+            for client in &added {
+                clients.insert(client.name.clone(), client.clone());
+            }
+        }
+        for client in &added {
+            self.schedule_from_state(client);
+        }
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
+        self.versions.send_modify(|v| *v += 1);
+        if !writes.is_empty()
+            && let Err(e) = self.store.commit(writes).await
+        {
+            self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("cannot record the new configuration's clients: {e}");
+        }
+        for (client, old_sinks) in rewrite_sinks {
+            let cfg = client.config();
+            let gone: Vec<SinkConfig> = old_sinks
+                .into_iter()
+                .filter(|s| !cfg.sinks.iter().any(|n| n.path == s.path))
+                .filter(|s| {
+                    !new.clients
+                        .values()
+                        .any(|c| c.sinks.iter().any(|n| n.path == s.path))
+                })
+                .collect();
+            self.clear_sinks(&client.name, gone).await;
+            let token = {
+                let st = client.state();
+                servable(&st, &cfg).then(|| st.token.clone()).flatten()
+            };
+            if let Some(token) = token {
+                self.write_sinks(&client.name, cfg.sinks.clone(), token)
+                    .await;
+            }
+            changes.push(format!("{}: sinks rewritten", client.name));
+        }
+        changes
+    }
+
+    /// Sets the client's timer from its state: the next refresh, a retry, or nothing.
+    fn schedule_from_state(&self, client: &Client) {
+        let cfg = client.config();
+        let mut st = client.state();
+        let at = match st.status {
+            Status::Valid | Status::Refreshing => match &st.token {
+                Some(t) => {
+                    scheduler::next_refresh(t, &cfg.refresh, can_renew(&cfg, t), scheduler::draw())
+                }
+                None => None,
+            },
+            Status::Retrying => st.next_refresh_at.or_else(|| Some(now_ms())),
+            // A client that needs no user gets its first token by itself.
+            Status::Unauthorized if cfg.grant == Grant::ClientCredentials => Some(now_ms()),
+            _ => None,
+        };
+        st.next_refresh_at = at;
+        match at {
+            Some(at) => self.scheduler.set(client.name.clone(), at),
+            None => self.scheduler.remove(client.name.clone()),
+        }
+    }
+
+    pub fn config_versions(&self) -> watch::Receiver<u64> {
+        self.versions.subscribe()
+    }
+
+    /// A client's `cron:` schedule came due.
+    pub async fn cron_refresh(&self, name: &str) {
+        let Some(client) = self.client(name) else {
+            return;
+        };
+        let cfg = client.config();
+        let renewable = {
+            let st = client.state();
+            cfg.grant == Grant::ClientCredentials || (st.status.has_grant() && servable(&st, &cfg))
+        };
+        if renewable {
+            let _ = self.refresh(&client, Trigger::Manual).await;
+        }
+    }
+
+    /// The cron schedules of clients that asked for one (`cron:`); the daemon drives them.
+    pub fn cron_clients(&self) -> Vec<(Arc<str>, String)> {
+        self.all()
+            .into_iter()
+            .filter_map(|c| {
+                c.config()
+                    .cron
+                    .as_ref()
+                    .map(|e| (c.name.clone(), e.0.clone()))
+            })
+            .collect()
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Tokens.
+
+    /// A token valid for at least `min_valid`, refreshing first (or joining a refresh in
+    /// flight) when the current one is not.
+    pub async fn token(&self, name: &str, min_valid: Duration) -> Result<TokenSet, RegistryError> {
+        let client = self.known(name)?;
+        let cfg = client.config();
+        {
+            let st = client.state();
+            if servable(&st, &cfg)
+                && let Some(t) = &st.token
+                && t.valid_for(now_ms(), min_valid)
+            {
+                return Ok(t.clone());
+            }
+        }
+        self.refresh(&client, Trigger::Demand(min_valid)).await
+    }
+
+    /// Runs one grant request for `client`, or joins the one in flight.
+    pub async fn refresh(
+        &self,
+        client: &Arc<Client>,
+        trigger: Trigger,
+    ) -> Result<TokenSet, RegistryError> {
+        let seen_generation = client.state().generation;
+        let _flight = client.flight.lock().await;
+        if self.shutdown.is_cancelled() {
+            return Err(RegistryError::ShuttingDown);
+        }
+        let cfg = client.config();
+        let now = now_ms();
+        let old = {
+            let mut st = client.state();
+            let usable = servable(&st, &cfg);
+            match (trigger, &st.token) {
+                (Trigger::Demand(min), Some(t)) if usable && t.valid_for(now, min) => {
+                    return Ok(t.clone());
+                }
+                (Trigger::Scheduled | Trigger::Demand(_), Some(t))
+                    if usable
+                        && st.generation != seen_generation
+                        && t.valid_for(now, Duration::ZERO) =>
+                {
+                    return Ok(t.clone());
+                }
+                _ => {}
+            }
+            if let Some(err) = self.cannot_refresh(&client.name, &st, &cfg) {
+                return Err(err);
+            }
+            // A consumer asking again and again must not defeat the backoff.
+            if let (Trigger::Demand(_), Status::Retrying, Some(at)) =
+                (trigger, st.status, st.next_refresh_at)
+                && at > now
+            {
+                return Err(RegistryError::Server {
+                    client: client.name.to_string(),
+                    message: format!(
+                        "{} (next attempt in {}s)",
+                        st.last_error
+                            .clone()
+                            .unwrap_or_else(|| "refresh failed".into()),
+                        (at - now + 999) / 1000
+                    ),
+                });
+            }
+            if st.status == Status::Valid {
+                st.status = Status::Refreshing;
+            }
+            st.token.clone()
+        };
+        let permit = self.endpoint_permit(&cfg).await;
+        let result = match (cfg.grant, old) {
+            (Grant::ClientCredentials, _) => self.engine.client_credentials(&cfg).await,
+            (Grant::AuthorizationCode, Some(old)) => match &old.refresh_token {
+                Some(rt) => self
+                    .engine
+                    .refresh(&cfg, rt)
+                    .await
+                    .map(|t| t.carry_over(&old)),
+                None => Err(GrantError::needs_user(
+                    "the server gave no refresh token, so only a new authorization can renew it",
+                )),
+            },
+            (Grant::AuthorizationCode, None) => Err(GrantError::needs_user("no token yet")),
+        };
+        drop(permit);
+        match result {
+            Ok(token) => self.accept(client, &cfg, token, "refreshed").await,
+            Err(e) => Err(self.refresh_failed(client, &cfg, e).await),
+        }
+    }
+
+    /// Why the daemon cannot renew this client's token without the user, if it cannot.
+    fn cannot_refresh(
+        &self,
+        name: &str,
+        st: &ClientState,
+        cfg: &ClientConfig,
+    ) -> Option<RegistryError> {
+        let needs = |reason: String| {
+            Some(RegistryError::NeedsAuthorization {
+                client: name.to_string(),
+                reason,
+            })
+        };
+        match st.status {
+            Status::Disabled => Some(RegistryError::UnknownClient(name.to_string())),
+            _ if cfg.grant == Grant::ClientCredentials => None,
+            Status::NeedsReauth | Status::Revoked => needs(
+                st.reason
+                    .clone()
+                    .unwrap_or_else(|| format!("run `oauth2mci authorize {name}`")),
+            ),
+            Status::Unauthorized | Status::Authorizing if st.token.is_none() => needs(format!(
+                "not authorized yet: run `oauth2mci authorize {name}`"
+            )),
+            _ if st.fingerprint != cfg.fingerprint() => {
+                needs("its identity changed in the configuration".into())
+            }
+            _ => None,
+        }
+    }
+
+    async fn endpoint_permit(
+        &self,
+        cfg: &ClientConfig,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let limit = self.config().limits.per_endpoint_concurrency;
+        let semaphore = {
+            let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(cfg.endpoints.token.origin().ascii_serialization())
+                .or_insert_with(|| Arc::new(Semaphore::new(limit)))
+                .clone()
+        };
+        semaphore.acquire_owned().await.ok()
+    }
+
+    /// Stores a new token: database first, then memory and timer, then sinks, then the hook.
+    async fn accept(
+        &self,
+        client: &Arc<Client>,
+        issued_for: &ClientConfig,
+        token: TokenSet,
+        how: &str,
+    ) -> Result<TokenSet, RegistryError> {
+        let current = client.config();
+        if current.fingerprint() != issued_for.fingerprint() {
+            // The configuration changed identity while the request was out: this token belongs
+            // to a grant the user no longer wants.
+            tracing::warn!(client = %client.name, "discarding a token issued under the previous configuration");
+            let mut st = client.state();
+            st.status = if st.token.is_some() {
+                Status::NeedsReauth
+            } else {
+                Status::Unauthorized
+            };
+            return Err(RegistryError::NeedsAuthorization {
+                client: client.name.to_string(),
+                reason: "the configuration changed while the token was being obtained".into(),
+            });
+        }
+        let now = now_ms();
+        let (writes, generation) = {
+            let st = client.state();
+            let mut next = st.clone();
+            next.generation += 1;
+            next.status = Status::Valid;
+            next.fingerprint = issued_for.fingerprint();
+            next.reason = None;
+            next.failures = 0;
+            next.last_error = None;
+            next.last_refresh_at = Some(now);
+            let detail = match token.remaining(now) {
+                Some(ms) => format!("{how}; expires in {}s", ms / 1000),
+                None => format!("{how}; no expiry given"),
+            };
+            (
+                vec![
+                    Write::Token {
+                        client: client.name.to_string(),
+                        token: Some((token.clone(), next.generation)),
+                    },
+                    Write::Client(next.row(&client.name)),
+                    event(&client.name, how, &detail),
+                ],
+                next.generation,
+            )
+        };
+        let committed = self.store.commit(writes).await;
+        {
+            let mut st = client.state();
+            st.generation = generation;
+            st.token = Some(token.clone());
+            st.status = Status::Valid;
+            st.fingerprint = issued_for.fingerprint();
+            st.reason = None;
+            st.failures = 0;
+            st.last_refresh_at = Some(now);
+            st.reauth_notified = false;
+            st.error_notified = false;
+            st.last_error = None;
+            if let Err(e) = &committed {
+                // Keep the token in memory (a rotated refresh token is the only one that works
+                // now) and try to save it again soon with a new one.
+                st.last_error = Some(format!("cannot save the token: {e}"));
+            }
+        }
+        if let Err(e) = committed {
+            self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(client = %client.name, "token obtained but not saved, sinks not written: {e}");
+            let retry = now_ms() + current.refresh.retry_initial.as_millis() as i64;
+            client.state().next_refresh_at = Some(retry);
+            self.scheduler.set(client.name.clone(), retry);
+            return Ok(token);
+        }
+        self.counters.refresh_ok.fetch_add(1, Ordering::Relaxed);
+        self.schedule_from_state(client);
+        tracing::info!(client = %client.name, expires_in = token.remaining(now).map(|ms| ms / 1000), "{how}");
+        self.write_sinks(&client.name, current.sinks.clone(), token.clone())
+            .await;
+        self.notify(Notice {
+            kind: Kind::Refreshed,
+            client: client.name.to_string(),
+            error: String::new(),
+            url: String::new(),
+        });
+        Ok(token)
+    }
+
+    async fn refresh_failed(
+        &self,
+        client: &Arc<Client>,
+        cfg: &ClientConfig,
+        e: GrantError,
+    ) -> RegistryError {
+        self.counters.refresh_failed.fetch_add(1, Ordering::Relaxed);
+        let now = now_ms();
+        let message = e.to_string();
+        let (writes, notice, result) = {
+            let mut st = client.state();
+            st.last_error = Some(message.clone());
+            match e.class {
+                ErrorClass::NeedsUser => {
+                    st.status = if st.token.is_some() {
+                        Status::NeedsReauth
+                    } else {
+                        Status::Unauthorized
+                    };
+                    st.reason = Some(message.clone());
+                    st.next_refresh_at = None;
+                    let notice = (!st.reauth_notified).then(|| Notice {
+                        kind: Kind::ReauthNeeded,
+                        client: client.name.to_string(),
+                        error: message.clone(),
+                        url: String::new(),
+                    });
+                    st.reauth_notified = true;
+                    tracing::warn!(client = %client.name, "needs authorization: {message}");
+                    (
+                        vec![
+                            Write::Client(st.row(&client.name)),
+                            event(&client.name, "needs_reauth", &message),
+                        ],
+                        notice,
+                        RegistryError::NeedsAuthorization {
+                            client: client.name.to_string(),
+                            reason: message.clone(),
+                        },
+                    )
+                }
+                ErrorClass::Transient | ErrorClass::Config => {
+                    st.failures += 1;
+                    st.status = Status::Retrying;
+                    let delay = scheduler::retry_delay(
+                        &cfg.refresh,
+                        st.failures,
+                        e.retry_after,
+                        scheduler::draw(),
+                    );
+                    st.next_refresh_at = Some(now + delay.as_millis() as i64);
+                    tracing::warn!(client = %client.name, failures = st.failures, retry_in = ?delay, "refresh failed: {message}");
+                    // Settings errors are worth telling at once; passing outages after a few tries.
+                    let tell = e.class == ErrorClass::Config || st.failures >= 3;
+                    let notice = (tell && !st.error_notified).then(|| Notice {
+                        kind: Kind::Error,
+                        client: client.name.to_string(),
+                        error: message.clone(),
+                        url: String::new(),
+                    });
+                    st.error_notified |= tell;
+                    (
+                        vec![
+                            Write::Client(st.row(&client.name)),
+                            event(&client.name, "refresh_failed", &message),
+                        ],
+                        notice,
+                        RegistryError::Server {
+                            client: client.name.to_string(),
+                            message: message.clone(),
+                        },
+                    )
+                }
+            }
+        };
+        if let Err(err) = self.store.commit(writes).await {
+            self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(client = %client.name, "cannot record the failure: {err}");
+        }
+        self.schedule_from_state(client);
+        if let Some(n) = notice {
+            self.notify(n);
+        }
+        result
+    }
+
+    async fn write_sinks(&self, name: &str, sinks: Vec<SinkConfig>, token: TokenSet) {
+        if sinks.is_empty() {
+            return;
+        }
+        let client = name.to_string();
+        let outcome = tokio::task::spawn_blocking(move || {
+            sinks
+                .iter()
+                .filter_map(|s| sink::write(s, &client, &token).err())
+                .collect::<Vec<_>>()
+        })
+        .await;
+        let errors = match outcome {
+            Ok(errors) => errors.into_iter().map(|e| e.to_string()).collect(),
+            Err(e) => vec![format!("sink writer failed: {e}")],
+        };
+        for e in errors {
+            self.counters.sink_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(client = %name, "cannot write token file: {e}");
+            if let Some(c) = self.client(name) {
+                c.state().last_error = Some(e);
+            }
+        }
+    }
+
+    async fn clear_sinks(&self, name: &str, sinks: Vec<SinkConfig>) {
+        if sinks.is_empty() {
+            return;
+        }
+        let errors = tokio::task::spawn_blocking(move || {
+            sinks
+                .iter()
+                .filter_map(|s| sink::clear(s).err())
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for e in errors {
+            tracing::warn!(client = %name, "cannot remove a token file no longer configured: {e}");
+        }
+    }
+
+    fn notify(&self, notice: Notice) {
+        notify::send(&self.config().notify, notice, &self.tasks);
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Authorization (authorization code grant with a loopback redirect).
+
+    /// Starts an authorization: returns the URL for the user's browser.
+    pub async fn authorize(self: &Arc<Self>, name: &str) -> Result<AuthorizeReply, RegistryError> {
+        let client = self.known(name)?;
+        let cfg = client.config();
+        if client.state().status == Status::Disabled {
+            return Err(RegistryError::UnknownClient(name.to_string()));
+        }
+        if cfg.grant != Grant::AuthorizationCode {
+            return Err(RegistryError::NotSupported(format!(
+                "{name} uses the client_credentials grant: it needs no authorization, its tokens come by themselves"
+            )));
+        }
+        let requested = cfg
+            .redirect_uri
+            .clone()
+            .unwrap_or_else(redirect::default_redirect_uri);
+        let state = oauth::random_token(32);
+        let pkce = cfg.pkce.then(Pkce::new);
+        let expires_at = now_ms() + cfg.authorize_timeout.as_millis() as i64;
+        // One authorization per client at a time: a new one replaces the one before.
+        for superseded in self.redirects.cancel_client(&client.name) {
+            self.forget_pending(superseded);
+        }
+        let pending = PendingAuth {
+            client: client.name.clone(),
+            state: state.clone(),
+            verifier: pkce.as_ref().map(|p| p.verifier.clone()),
+            redirect_uri: requested.clone(),
+            fingerprint: cfg.fingerprint(),
+            expires_at,
+        };
+        let redirect_uri = self
+            .redirects
+            .register(self.clone(), &requested, pending)
+            .map_err(RegistryError::BadRequest)?;
+        let Some(url) = oauth::authorize_url(
+            &cfg,
+            &redirect_uri,
+            &state,
+            pkce.as_ref().map(|p| p.challenge.as_str()),
+        ) else {
+            self.redirects.take(&state);
+            return Err(RegistryError::NotSupported(format!(
+                "{name} has no authorization endpoint"
+            )));
+        };
+        let row = PendingRow {
+            state: state.clone(),
+            client: name.to_string(),
+            pkce_verifier: pkce.map(|p| p.verifier),
+            redirect_uri: redirect_uri.to_string(),
+            created_at: now_ms(),
+            expires_at,
+        };
+        let writes = {
+            let mut st = client.state();
+            if !st.status.has_grant() {
+                st.status = Status::Authorizing;
+            }
+            vec![
+                Write::Pending(row),
+                Write::Client(st.row(name)),
+                event(name, "authorizing", "authorization started"),
+            ]
+        };
+        if let Err(e) = self.store.commit(writes).await {
+            self.redirects.take(&state);
+            return Err(RegistryError::Internal(format!(
+                "cannot save the authorization: {e}"
+            )));
+        }
+        client.set_outcome(outcome(&state, "pending", None, None));
+        self.expire_later(&client, &state, expires_at);
+        tracing::info!(client = %name, redirect_uri = %redirect_uri, "authorization started");
+        Ok(AuthorizeReply {
+            url: url.to_string(),
+            state,
+            redirect_uri: redirect_uri.to_string(),
+            expires_at,
+        })
+    }
+
+    fn expire_later(self: &Arc<Self>, client: &Arc<Client>, state: &str, expires_at: i64) {
+        let registry = self.clone();
+        let client = client.clone();
+        let state = state.to_string();
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            let wait = Duration::from_millis((expires_at - now_ms()).max(0) as u64);
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(wait) => {
+                    if registry.redirects.take(&state).is_some() {
+                        registry.finish_authorization(&client, &state, Err(("timeout".into(), "the browser did not come back in time".into()))).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// The redirect listener hands over a callback that matched a pending authorization.
+    pub async fn complete_authorization(
+        &self,
+        pending: PendingAuth,
+        callback: Callback,
+    ) -> Result<(), (String, String)> {
+        let Some(client) = self.client(&pending.client) else {
+            return Err((
+                "unknown_client".into(),
+                "the client was removed from the configuration".into(),
+            ));
+        };
+        let result = self.exchange(&client, &pending, callback).await;
+        self.finish_authorization(&client, &pending.state, result.clone())
+            .await;
+        result
+    }
+
+    async fn exchange(
+        &self,
+        client: &Arc<Client>,
+        pending: &PendingAuth,
+        callback: Callback,
+    ) -> Result<(), (String, String)> {
+        let code = match callback {
+            Callback::Error { error, description } => {
+                let message =
+                    description.unwrap_or_else(|| "the authorization server refused".into());
+                return Err((error, message));
+            }
+            Callback::Code { code, iss } => {
+                let cfg = client.config();
+                if let Some(iss) = iss {
+                    let expected = expected_issuer(&cfg);
+                    if expected.as_deref().map(trim_slash) != Some(trim_slash(&iss)) {
+                        return Err((
+                            "issuer_mismatch".into(),
+                            format!(
+                                "the response names issuer {iss:?}, expected {:?} (RFC 9207): possible mix-up attack",
+                                expected.unwrap_or_default()
+                            ),
+                        ));
+                    }
+                }
+                code
+            }
+        };
+        let _flight = client.flight.lock().await;
+        let cfg = client.config();
+        if cfg.fingerprint() != pending.fingerprint {
+            return Err((
+                "config_changed".into(),
+                "the client's configuration changed during the authorization; start again".into(),
+            ));
+        }
+        let permit = self.endpoint_permit(&cfg).await;
+        let result = self
+            .engine
+            .exchange_code(
+                &cfg,
+                &code,
+                &pending.redirect_uri,
+                pending.verifier.as_ref(),
+            )
+            .await;
+        drop(permit);
+        match result {
+            Ok(token) => {
+                self.counters.authorizations.fetch_add(1, Ordering::Relaxed);
+                self.accept(client, &cfg, token, "authorized")
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| ("not_stored".into(), e.to_string()))
+            }
+            Err(e) => Err((
+                e.code
+                    .clone()
+                    .unwrap_or_else(|| "token_request_failed".into()),
+                e.message.clone(),
+            )),
+        }
+    }
+
+    /// A callback that cannot belong to the authorization (wrong `state`) ends it.
+    pub async fn fail_authorization(&self, pending: &PendingAuth, why: (String, String)) {
+        if let Some(client) = self.client(&pending.client) {
+            self.finish_authorization(&client, &pending.state, Err(why))
+                .await;
+        }
+    }
+
+    async fn finish_authorization(
+        &self,
+        client: &Arc<Client>,
+        state: &str,
+        result: Result<(), (String, String)>,
+    ) {
+        let mut writes = vec![Write::PendingDone {
+            state: state.to_string(),
+        }];
+        match &result {
+            Ok(()) => client.set_outcome(outcome(state, "done", None, None)),
+            Err((error, message)) => {
+                tracing::warn!(client = %client.name, "authorization failed: {error}: {message}");
+                client.set_outcome(outcome(
+                    state,
+                    "failed",
+                    Some(error.clone()),
+                    Some(message.clone()),
+                ));
+                let mut st = client.state();
+                if st.status == Status::Authorizing {
+                    st.status = if st.token.is_some() {
+                        Status::NeedsReauth
+                    } else {
+                        Status::Unauthorized
+                    };
+                }
+                writes.push(Write::Client(st.row(&client.name)));
+                writes.push(event(
+                    &client.name,
+                    "authorization_failed",
+                    &format!("{error}: {message}"),
+                ));
+            }
+        }
+        if let Err(e) = self.store.commit(writes).await {
+            tracing::error!(client = %client.name, "cannot record the authorization's end: {e}");
+        }
+    }
+
+    /// The latest authorization's outcome; with `wait`, waits up to that long while it is pending.
+    pub async fn authorization(
+        &self,
+        name: &str,
+        state: Option<&str>,
+        wait: Duration,
+    ) -> Result<AuthorizationOutcome, RegistryError> {
+        let client = self.known(name)?;
+        let mut rx = client.authorization.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let current = rx.borrow_and_update().clone();
+            let Some(current) = current else {
+                return Err(RegistryError::BadRequest(format!(
+                    "no authorization was started for {name}"
+                )));
+            };
+            if let Some(s) = state
+                && s != current.state
+            {
+                return Ok(outcome(
+                    s,
+                    "failed",
+                    Some("superseded".into()),
+                    Some("another authorization replaced this one".into()),
+                ));
+            }
+            if current.status != "pending" {
+                return Ok(current);
+            }
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return Ok(current) },
+                _ = tokio::time::sleep_until(deadline) => return Ok(current),
+                _ = self.shutdown.cancelled() => return Err(RegistryError::ShuttingDown),
+            }
+        }
+    }
+
+    /// Forgets the client's tokens here (revocation at the server comes with issue #4).
+    pub async fn forget_token(&self, name: &str) -> Result<(), RegistryError> {
+        let client = self.known(name)?;
+        let _flight = client.flight.lock().await;
+        let writes = {
+            let mut st = client.state();
+            st.token = None;
+            st.status = Status::Revoked;
+            st.reason = Some(format!(
+                "tokens were deleted: run `oauth2mci authorize {name}`"
+            ));
+            st.next_refresh_at = None;
+            vec![
+                Write::Token {
+                    client: name.to_string(),
+                    token: None,
+                },
+                Write::Client(st.row(name)),
+                event(name, "forgotten", "tokens deleted on request"),
+            ]
+        };
+        self.scheduler.remove(client.name.clone());
+        self.store
+            .commit(writes)
+            .await
+            .map_err(|e| RegistryError::Internal(e.to_string()))?;
+        self.clear_sinks(name, client.config().sinks.clone()).await;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Views.
+
+    pub fn info(&self, name: &str) -> Result<ClientInfo, RegistryError> {
+        self.known(name).map(|c| info(&c))
+    }
+
+    pub fn list(&self) -> Vec<ClientInfo> {
+        self.all().iter().map(|c| info(c)).collect()
+    }
+
+    pub fn prune(&self, retention: Duration, keep_removed: Duration) -> Vec<Write> {
+        let now = now_ms();
+        vec![
+            Write::PruneEvents {
+                before: now - retention.as_millis() as i64,
+            },
+            Write::ForgetRemoved {
+                before: now - keep_removed.as_millis() as i64,
+            },
+        ]
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
+    let fingerprint = cfg.fingerprint();
+    let mut st = ClientState {
+        status: Status::Unauthorized,
+        token: None,
+        generation: 0,
+        fingerprint: fingerprint.clone(),
+        reason: None,
+        failures: 0,
+        last_refresh_at: None,
+        last_error: None,
+        next_refresh_at: None,
+        removed_at: None,
+        reauth_notified: false,
+        error_notified: false,
+    };
+    if let Some(s) = stored {
+        st.fingerprint = s.row.fingerprint;
+        st.reason = s.row.reason;
+        st.failures = s.row.failures;
+        st.last_refresh_at = s.row.last_refresh_at;
+        st.last_error = s.row.last_error;
+        st.status = Status::parse(&s.row.status).unwrap_or(Status::Unauthorized);
+        // Only the user can change these; being told once per incident is enough, even
+        // across restarts.
+        st.reauth_notified = matches!(st.status, Status::NeedsReauth);
+        if let Some((token, generation)) = s.token {
+            st.token = Some(token);
+            st.generation = generation;
+        }
+        st.status = restored_status(&st, &cfg);
+        if st.token.is_some() && st.fingerprint != fingerprint {
+            st.status = Status::NeedsReauth;
+            st.reason = Some(
+                "client_id, token URL, scopes or grant changed while the daemon was stopped".into(),
+            );
+        }
+    }
+    let (authorization, _) = watch::channel(None);
+    Arc::new(Client {
+        name: Arc::from(cfg.name.as_str()),
+        config: RwLock::new(cfg),
+        state: Mutex::new(st),
+        flight: tokio::sync::Mutex::new(()),
+        authorization,
+    })
+}
+
+/// The status a client comes back with (start-up, back in the config): transient statuses
+/// (refreshing, authorizing) do not survive a restart.
+fn restored_status(st: &ClientState, cfg: &ClientConfig) -> Status {
+    match (st.status, &st.token) {
+        (Status::NeedsReauth | Status::Revoked, _) => st.status,
+        (Status::Retrying, Some(_)) => Status::Retrying,
+        (_, Some(_)) => Status::Valid,
+        (Status::Retrying, None) if cfg.grant == Grant::ClientCredentials => Status::Retrying,
+        (_, None) => Status::Unauthorized,
+    }
+}
+
+/// Whether the daemon may hand out the client's current token.
+fn servable(st: &ClientState, cfg: &ClientConfig) -> bool {
+    st.token.is_some()
+        && st.fingerprint == cfg.fingerprint()
+        && !matches!(st.status, Status::Revoked | Status::Disabled)
+        && (st.status != Status::NeedsReauth || cfg.grant == Grant::ClientCredentials)
+}
+
+fn can_renew(cfg: &ClientConfig, token: &TokenSet) -> bool {
+    cfg.grant == Grant::ClientCredentials || token.refresh_token.is_some()
+}
+
+/// The status shown: a token that expired without a way to renew it needs the user.
+fn effective_status(c: &Client) -> Status {
+    let cfg = c.config();
+    let st = c.state();
+    match &st.token {
+        Some(t)
+            if st.status == Status::Valid
+                && !can_renew(&cfg, t)
+                && !t.valid_for(now_ms(), Duration::ZERO) =>
+        {
+            Status::NeedsReauth
+        }
+        _ => st.status,
+    }
+}
+
+fn info(c: &Client) -> ClientInfo {
+    let cfg = c.config();
+    let status = effective_status(c);
+    let st = c.state();
+    let now = now_ms();
+    let token = st.token.as_ref();
+    ClientInfo {
+        name: c.name.to_string(),
+        provider: cfg.provider.clone(),
+        grant: match cfg.grant {
+            Grant::AuthorizationCode => "authorization_code".into(),
+            Grant::ClientCredentials => "client_credentials".into(),
+        },
+        status: status.as_str().into(),
+        reason: st.reason.clone(),
+        expires_at: token.and_then(|t| t.expires_at),
+        expires_in: token
+            .and_then(|t| t.remaining(now))
+            .map(|ms| ms.div_euclid(1000)),
+        has_refresh_token: token.is_some_and(|t| t.refresh_token.is_some()),
+        last_refresh_at: st.last_refresh_at,
+        next_refresh_at: st.next_refresh_at,
+        last_error: st.last_error.clone(),
+        failures: st.failures,
+        scopes: cfg.scopes.clone(),
+        sinks: cfg
+            .sinks
+            .iter()
+            .map(|s| s.path.display().to_string())
+            .collect(),
+    }
+}
+
+fn event(client: &str, kind: &str, detail: &str) -> Write {
+    Write::Event(Event {
+        at: now_ms(),
+        client: Some(client.to_string()),
+        kind: kind.to_string(),
+        detail: detail.to_string(),
+    })
+}
+
+fn outcome(
+    state: &str,
+    status: &str,
+    error: Option<String>,
+    message: Option<String>,
+) -> AuthorizationOutcome {
+    AuthorizationOutcome {
+        state: state.to_string(),
+        status: status.to_string(),
+        error,
+        message,
+    }
+}
+
+/// The issuer an RFC 9207 `iss` must name: the profile's, else the authorization server that
+/// the user was sent to.
+fn expected_issuer(cfg: &ClientConfig) -> Option<String> {
+    cfg.profile.issuer.clone().or_else(|| {
+        cfg.endpoints
+            .authorize
+            .as_ref()
+            .map(|u| u.origin().ascii_serialization())
+    })
+}
+
+fn trim_slash(s: &str) -> &str {
+    s.trim_end_matches('/')
+}

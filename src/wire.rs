@@ -1,0 +1,100 @@
+//! The socket API's messages: plain data shared by the daemon (which sends them) and the CLI
+//! (which reads them). Times are unix milliseconds; durations are whole seconds.
+
+use serde::{Deserialize, Serialize};
+
+/// One client as `GET /v1/clients[/{name}]` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClientInfo {
+    pub name: String,
+    pub provider: String,
+    pub grant: String,
+    pub status: String,
+    /// Why the client is in its status, when that needs explaining (needs_reauth, retrying...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    /// Seconds until the access token expires (negative: expired).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in: Option<i64>,
+    pub has_refresh_token: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refresh_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_refresh_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub failures: u32,
+    pub scopes: Vec<String>,
+    pub sinks: Vec<String>,
+}
+
+/// `GET /v1/clients/{name}/token`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TokenReply {
+    pub access_token: String,
+    pub token_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+}
+
+/// `POST /v1/clients/{name}/authorize`: where to send the user.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AuthorizeReply {
+    pub url: String,
+    pub state: String,
+    pub redirect_uri: String,
+    pub expires_at: i64,
+}
+
+/// `GET /v1/clients/{name}/authorization`: how the latest authorization went.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AuthorizationOutcome {
+    pub state: String,
+    /// `pending`, `done` or `failed`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// `POST /v1/reload`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReloadReply {
+    pub changes: Vec<String>,
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub clients: usize,
+    pub config: String,
+}
+
+/// Every error the API returns.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorReply {
+    pub error: String,
+    pub message: String,
+}
+
+/// Error codes of `ErrorReply::error` that callers act on.
+pub mod code {
+    pub const UNKNOWN_CLIENT: &str = "unknown_client";
+    pub const NEEDS_AUTHORIZATION: &str = "needs_authorization";
+    pub const SERVER_ERROR: &str = "server_error";
+    pub const BAD_REQUEST: &str = "bad_request";
+    pub const NOT_SUPPORTED: &str = "not_supported";
+    pub const CONFIG_ERROR: &str = "config_error";
+    pub const NOT_FOUND: &str = "not_found";
+    pub const SHUTTING_DOWN: &str = "shutting_down";
+    pub const INTERNAL: &str = "internal";
+}
