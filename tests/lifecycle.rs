@@ -1,0 +1,160 @@
+//! One client's whole life against a real authorization server (oidc-provider): authorize,
+//! tokens in files and over the socket, scheduled refresh without storms, restart after SIGTERM
+//! and kill -9 without a new authorization, and clean shutdown.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_refresh_restart_and_stop() {
+    // Tokens live 10 s: the daemon must refresh them in time, and not much more often.
+    let server = AuthServer::start(ServerOptions {
+        access_token_ttl: 10,
+        rotate_refresh_token: true,
+    });
+    let sinks = "    sinks:\n      - { path: tokens/mail, format: raw }\n      - { path: tokens/mail.json, format: json }\n      - { path: tokens/mail.env, format: env }\n      - { path: tokens/mail.header, format: header }\n";
+    let mut daemon = Daemon::start("", &server.client_yaml("mail", sinks));
+
+    assert_eq!(daemon.status_of("mail"), "unauthorized");
+    let o = daemon.cli(&["token", "mail"]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(stderr(&o).contains("oauth2mci authorize mail"));
+
+    authorize(&daemon, "mail").await;
+    let info = daemon.client("mail");
+    assert_eq!(info["status"], "valid", "{info}");
+    assert_eq!(info["has_refresh_token"], true);
+
+    // The token over the CLI, and in each sink, mode 0600.
+    let o = daemon.cli(&["token", "mail"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let token = stdout(&o).trim().to_string();
+    assert!(token.len() > 20);
+    let raw = daemon.path("run/tokens/mail");
+    assert_eq!(std::fs::read_to_string(&raw).unwrap(), format!("{token}\n"));
+    assert_eq!(mode_of(&raw), 0o600);
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(daemon.path("run/tokens/mail.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(json["access_token"], token);
+    assert!(
+        std::fs::read_to_string(daemon.path("run/tokens/mail.env"))
+            .unwrap()
+            .starts_with(&format!(
+                "MAIL_ACCESS_TOKEN={token}\nMAIL_TOKEN_TYPE=Bearer\n"
+            ))
+    );
+    assert_eq!(
+        std::fs::read_to_string(daemon.path("run/tokens/mail.header")).unwrap(),
+        format!("Authorization: Bearer {token}\n")
+    );
+    // Never in the log.
+    assert!(!daemon.log_text().contains(&token));
+
+    // Scheduled refresh: in 22 s a 10 s token is refreshed about 4 times (half-life), never
+    // in a storm, and never twice with the same rotated refresh token (the server would revoke
+    // the grant and count an error).
+    tokio::time::sleep(Duration::from_secs(22)).await;
+    let refreshed = server.refreshes("success").await;
+    assert!(
+        (2..=6).contains(&refreshed),
+        "{refreshed} refreshes in 22 s of 10 s tokens"
+    );
+    assert_eq!(server.refreshes("error").await, 0, "{}", daemon.log_text());
+    let newer = std::fs::read_to_string(&raw).unwrap();
+    assert_ne!(newer.trim(), token, "the sink follows refreshes");
+    assert_eq!(daemon.status_of("mail"), "valid");
+
+    // `token --min-valid` longer than what is left forces a refresh that others join.
+    let before = server.refreshes("success").await;
+    let handles: Vec<_> = (0..5)
+        .map(|_| {
+            let socket = daemon.socket.clone();
+            std::thread::spawn(move || {
+                std::process::Command::new(BIN)
+                    .args(["token", "mail", "--min-valid", "9s"])
+                    .env("OAUTH2MCI_SOCKET", socket)
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    let outputs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for o in &outputs {
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(o));
+    }
+    let after = server.refreshes("success").await;
+    assert!(
+        after - before <= 2,
+        "5 concurrent demands made {} refreshes",
+        after - before
+    );
+    assert_eq!(server.refreshes("error").await, 0);
+
+    // kill -9, restart: no new authorization, the schedule resumes from the database.
+    daemon.kill9();
+    daemon.spawn();
+    assert_eq!(daemon.status_of("mail"), "valid", "{}", daemon.log_text());
+    let o = daemon.cli(&["token", "mail", "--min-valid", "1s"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let before = server.refreshes("success").await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(
+        server.refreshes("success").await > before,
+        "refreshing resumes after a restart"
+    );
+    assert_eq!(server.refreshes("error").await, 0, "{}", daemon.log_text());
+
+    // SIGTERM: clean exit, socket removed, and the next start needs no authorization either.
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(40)), Some(0));
+    assert!(
+        !daemon.socket.exists(),
+        "the socket file is removed at shutdown"
+    );
+    daemon.spawn();
+    assert_eq!(daemon.status_of("mail"), "valid");
+    let db = daemon.path("state/state.db");
+    assert_eq!(mode_of(&db), 0o600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_grant_needs_the_user_and_says_so_once() {
+    let server = AuthServer::start(ServerOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let notes = dir.path().join("notes");
+    let settings = format!(
+        "notify:\n  on_reauth_needed: [\"sh\", \"-c\", \"echo \\\"$OAUTH2MCI_CLIENT {{event}}\\\" >> {}\"]\n",
+        notes.display()
+    );
+    let daemon = Daemon::start(&settings, &server.client_yaml("crm", ""));
+    authorize(&daemon, "crm").await;
+
+    server.revoke_all().await;
+    let o = daemon.cli(&["refresh", "crm"]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(stderr(&o).contains("invalid_grant"), "{}", stderr(&o));
+    let info = daemon.client("crm");
+    assert_eq!(info["status"], "needs_reauth");
+    assert!(info["reason"].as_str().unwrap().contains("invalid_grant"));
+    // The token is no longer handed out, and asking again does not ask the server again.
+    let o = daemon.cli(&["token", "crm"]);
+    assert_eq!(o.status.code(), Some(5));
+    let o = daemon.cli(&["refresh", "crm"]);
+    assert_eq!(o.status.code(), Some(5));
+    assert_eq!(server.refreshes("error").await, 1);
+
+    wait_for("the hook", Duration::from_secs(10), || notes.exists());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        std::fs::read_to_string(&notes).unwrap(),
+        "crm reauth_needed\n"
+    );
+
+    // Authorizing again heals it.
+    authorize(&daemon, "crm").await;
+    assert_eq!(daemon.status_of("crm"), "valid");
+    assert_eq!(daemon.cli(&["token", "crm"]).status.code(), Some(0));
+}
