@@ -68,7 +68,8 @@ fn init_logging(config: &Config) {
             .with_target(false)
             .try_init()
     } else {
-        builder.with_target(false).try_init()
+        use std::io::IsTerminal;
+        builder.with_target(false).with_ansi(std::io::stderr().is_terminal()).try_init()
     };
     let _ = result;
 }

@@ -24,6 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use url::Url;
 
+/// The reason given when a config edit made a client's tokens stale; undoing the edit undoes it.
+const IDENTITY_CHANGED: &str =
+    "client_id, token URL, scopes or grant changed: its tokens were issued for another identity";
+
 /// Where a client stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -458,14 +462,11 @@ impl Registry {
             if cfg.fingerprint() != old_cfg.fingerprint() {
                 if st.token.is_some() && st.fingerprint != cfg.fingerprint() {
                     st.status = Status::NeedsReauth;
-                    st.reason = Some(
-                        "client_id, token URL, scopes or grant changed: its tokens were issued for another identity"
-                            .into(),
-                    );
+                    st.reason = Some(IDENTITY_CHANGED.into());
                     changes.push(format!("{name}: identity changed, needs authorization"));
-                } else if st.token.is_some() {
+                } else if st.token.is_some() && st.reason.as_deref() == Some(IDENTITY_CHANGED) {
                     // The edit was undone: the stored grant fits again.
-                    st.status = restored_status(&st, cfg);
+                    st.status = Status::Valid;
                     st.reason = None;
                     changes.push(format!("{name}: identity restored"));
                 }
@@ -1308,9 +1309,11 @@ fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
         st.status = restored_status(&st, &cfg);
         if st.token.is_some() && st.fingerprint != fingerprint {
             st.status = Status::NeedsReauth;
-            st.reason = Some(
-                "client_id, token URL, scopes or grant changed while the daemon was stopped".into(),
-            );
+            st.reason = Some(IDENTITY_CHANGED.into());
+        } else if st.token.is_some() && st.reason.as_deref() == Some(IDENTITY_CHANGED) {
+            // The edit was undone while the daemon was stopped.
+            st.status = Status::Valid;
+            st.reason = None;
         }
     }
     let (authorization, _) = watch::channel(None);
