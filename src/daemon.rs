@@ -69,7 +69,10 @@ fn init_logging(config: &Config) {
             .try_init()
     } else {
         use std::io::IsTerminal;
-        builder.with_target(false).with_ansi(std::io::stderr().is_terminal()).try_init()
+        builder
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
     };
     let _ = result;
 }

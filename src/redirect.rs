@@ -126,13 +126,13 @@ impl Hub {
         Some(pending)
     }
 
-    /// Drops every pending authorization of `client`; returns their states.
-    pub fn cancel_client(&self, client: &str) -> Vec<String> {
+    /// Drops every pending authorization of `client` but `keep`; returns their states.
+    pub fn cancel_client(&self, client: &str, keep: &str) -> Vec<String> {
         let mut inner = self.inner();
         let states: Vec<String> = inner
             .pending
             .iter()
-            .filter(|(_, (_, p))| &*p.client == client)
+            .filter(|(s, (_, p))| &*p.client == client && s.as_str() != keep)
             .map(|(s, _)| s.clone())
             .collect();
         for s in &states {

@@ -968,10 +968,6 @@ impl Registry {
         let state = oauth::random_token(32);
         let pkce = cfg.pkce.then(Pkce::new);
         let expires_at = now_ms() + cfg.authorize_timeout.as_millis() as i64;
-        // One authorization per client at a time: a new one replaces the one before.
-        for superseded in self.redirects.cancel_client(&client.name) {
-            self.forget_pending(superseded);
-        }
         let pending = PendingAuth {
             client: client.name.clone(),
             state: state.clone(),
@@ -984,6 +980,11 @@ impl Registry {
             .redirects
             .register(self.clone(), &requested, pending)
             .map_err(RegistryError::BadRequest)?;
+        // One authorization per client at a time: a new one replaces those before (after it
+        // registered, so that a fixed port keeps its listener).
+        for superseded in self.redirects.cancel_client(&client.name, &state) {
+            self.forget_pending(superseded);
+        }
         let Some(url) = oauth::authorize_url(
             &cfg,
             &redirect_uri,

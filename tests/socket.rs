@@ -1,0 +1,153 @@
+//! The socket API and CLI without an authorization server: concurrency (a stalled client delays
+//! nobody), JSON errors, exit codes, socket permissions, one daemon per state folder, metrics.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+const CLIENTS: &str = "  a:\n    provider: {authorize_url: \"https://auth.example/a\", token_url: \"https://auth.example/t\"}\n    client_id: x\n";
+
+#[test]
+fn a_stalled_connection_delays_nobody() {
+    let daemon = Daemon::start("", CLIENTS);
+    // Two connections that never finish their request, and one idle keep-alive.
+    let mut stalled = UnixStream::connect(&daemon.socket).unwrap();
+    stalled
+        .write_all(b"GET /v1/clients HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let mut half = UnixStream::connect(&daemon.socket).unwrap();
+    half.write_all(b"GE").unwrap();
+    let _idle = UnixStream::connect(&daemon.socket).unwrap();
+
+    let workers: Vec<_> = (0..32)
+        .map(|_| {
+            let socket = daemon.socket.clone();
+            std::thread::spawn(move || {
+                oauth2mci::cli::request(&socket, "GET", "/v1/clients", Duration::from_secs(10))
+                    .map(|(s, _)| s)
+            })
+        })
+        .collect();
+    for w in workers {
+        assert_eq!(w.join().unwrap().ok(), Some(200));
+    }
+    // The stalled request still completes when it finally ends its headers.
+    stalled.write_all(b"Connection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stalled.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[test]
+fn errors_are_json_with_fitting_statuses() {
+    let daemon = Daemon::start("", CLIENTS);
+    let cases = [
+        ("GET", "/v1/nothing", 404, "not_found"),
+        ("GET", "/v1/clients/zz", 404, "unknown_client"),
+        ("GET", "/v1/clients/a/token", 409, "needs_authorization"),
+        (
+            "GET",
+            "/v1/clients/a/token?min_valid=soon",
+            400,
+            "bad_request",
+        ),
+        ("GET", "/v1/clients/a/token?min_vaild=5", 400, "bad_request"),
+        ("DELETE", "/v1/clients", 405, "bad_request"),
+        ("GET", "/v1/clients/a/authorization", 400, "bad_request"),
+    ];
+    for (method, path, status, code) in cases {
+        let (s, body) = daemon.request(method, path).unwrap();
+        assert_eq!(
+            (s, body["error"].as_str()),
+            (status, Some(code)),
+            "{method} {path}: {body}"
+        );
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let (s, health) = daemon.get("/v1/health").unwrap();
+    assert_eq!(s, 200);
+    assert_eq!(health["clients"], 1);
+    let (status, metrics) =
+        oauth2mci::cli::request(&daemon.socket, "GET", "/metrics", Duration::from_secs(5)).unwrap();
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("oauth2mci_clients{status=\"unauthorized\"} 1"),
+        "{metrics}"
+    );
+    // curl works too, where it is installed.
+    if let Ok(o) = Command::new("curl")
+        .args(["-s", "--unix-socket"])
+        .arg(&daemon.socket)
+        .arg("http://localhost/v1/clients")
+        .output()
+    {
+        let clients: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(clients[0]["name"], "a");
+    }
+}
+
+#[test]
+fn cli_exit_codes() {
+    let daemon = Daemon::start("", CLIENTS);
+    assert_eq!(mode_of(&daemon.socket), 0o600);
+    let o = daemon.cli(&["token", "nobody"]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("nobody"));
+    let o = daemon.cli(&["token", "a"]);
+    assert_eq!(o.status.code(), Some(5));
+    let o = daemon.cli(&["token", "a", "--min-valid", "lots"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = daemon.cli(&["status"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(
+        stdout(&o).contains("a ") && stdout(&o).contains("unauthorized"),
+        "{}",
+        stdout(&o)
+    );
+    let o = daemon.cli(&["status", "a", "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(info["status"], "unauthorized");
+    let o = daemon.cli(&["refresh", "a"]);
+    assert_eq!(o.status.code(), Some(5));
+    let o = Command::new(BIN)
+        .args(["status", "--socket", "/nonexistent/oauth2mci.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not running"));
+    let o = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(stdout(&o).contains("3  the daemon is not running"));
+}
+
+#[test]
+fn one_daemon_per_state_folder_and_the_socket_goes_at_exit() {
+    let mut daemon = Daemon::start("", CLIENTS);
+    let o = Command::new(BIN)
+        .args(["daemon", "--config"])
+        .arg(&daemon.config)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("another oauth2mci daemon"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        daemon.get("/v1/health").unwrap().0,
+        200,
+        "the first daemon is untouched"
+    );
+    daemon.signal(nix::sys::signal::Signal::SIGINT);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(20)), Some(0));
+    assert!(!daemon.socket.exists());
+    // A socket file left by a crash is replaced.
+    let _stale = std::os::unix::net::UnixListener::bind(&daemon.socket).unwrap();
+    drop(_stale);
+    daemon.spawn();
+    assert_eq!(daemon.get("/v1/health").unwrap().0, 200);
+}
