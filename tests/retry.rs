@@ -1,0 +1,84 @@
+//! Failures and backoff against a fake token endpoint (wiremock): Retry-After is honoured, a
+//! consumer asking again and again does not defeat the backoff, and recovery is automatic. Uses
+//! the client_credentials grant, which needs no user, so the daemon starts on its own.
+
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+use wiremock::matchers::{body_string_contains, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backoff_honours_retry_after_and_recovers() {
+    let server = MockServer::start().await;
+    // Busy for the first two requests, then fine.
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains("grant_type=client_credentials"))
+        .respond_with(ResponseTemplate::new(503).insert_header("retry-after", "3"))
+        .up_to_n_times(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "access_token": "machine-token-1", "token_type": "Bearer", "expires_in": 3600
+        })))
+        .mount(&server)
+        .await;
+    let clients = format!(
+        "  reports:\n    provider: {{token_url: \"{}/token\"}}\n    grant: client_credentials\n    client_id: reports\n    client_secret: s\n    refresh: {{retry: {{initial: 1s, max: 10s}}}}\n    sinks: [{{path: tokens/reports}}]\n",
+        server.uri()
+    );
+    let started = Instant::now();
+    let daemon = Daemon::start("", &clients);
+    wait_for("the first failure", Duration::from_secs(10), || daemon.status_of("reports") == "retrying");
+    // Asking now returns the failure without another request to the server.
+    let o = daemon.cli(&["token", "reports"]);
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+    assert!(stderr(&o).contains("503") && stderr(&o).contains("next attempt in"), "{}", stderr(&o));
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+
+    wait_for("recovery", Duration::from_secs(20), || daemon.status_of("reports") == "valid");
+    let elapsed = started.elapsed();
+    // Two waits of at least Retry-After (3 s) each.
+    assert!(elapsed >= Duration::from_secs(6), "recovered after {elapsed:?}");
+    assert_eq!(server.received_requests().await.unwrap().len(), 3);
+    assert_eq!(std::fs::read_to_string(daemon.path("run/tokens/reports")).unwrap(), "machine-token-1\n");
+    let o = daemon.cli(&["token", "reports"]);
+    assert_eq!(stdout(&o), "machine-token-1\n");
+    let info = daemon.client("reports");
+    assert_eq!(info["failures"], 0);
+    assert!(info["next_refresh_at"].as_i64().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_is_told_once_and_never_hammers_the_server() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(401).set_body_json(serde_json::json!({
+            "error": "invalid_client", "error_description": "bad secret"
+        })))
+        .mount(&server)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let notes = dir.path().join("notes");
+    let settings = format!("notify:\n  on_error: [\"sh\", \"-c\", \"echo {{client}}: {{error}} >> {}\"]\n", notes.display());
+    let clients = format!(
+        "  reports:\n    provider: {{token_url: \"{}/token\"}}\n    grant: client_credentials\n    client_id: reports\n    client_secret: wrong\n    refresh: {{retry: {{initial: 1s, max: 2s}}}}\n",
+        server.uri()
+    );
+    let daemon = Daemon::start(&settings, &clients);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let requests = server.received_requests().await.unwrap().len();
+    // 1 s, then about 1-2 s apart: 3 to 6 in 6 s, never a storm.
+    assert!((2..=7).contains(&requests), "{requests} requests in 6 s");
+    let info = daemon.client("reports");
+    assert_eq!(info["status"], "retrying");
+    assert!(info["last_error"].as_str().unwrap().contains("invalid_client"), "{info}");
+    let told = std::fs::read_to_string(&notes).unwrap();
+    assert_eq!(told.lines().count(), 1, "{told}");
+    assert!(told.starts_with("reports: ") && told.contains("invalid_client"), "{told}");
+    assert!(!told.contains("wrong"), "the secret never reaches a hook");
+}
