@@ -434,13 +434,16 @@ impl Registry {
         }
         let mut added = Vec::new();
         let mut rewrite_sinks = Vec::new();
+        let mut stored_rows: Option<Vec<Stored>> = None;
         for (name, cfg) in &new.clients {
             let Some(client) = self.client(name) else {
-                let stored = self
-                    .store
-                    .load()
-                    .ok()
-                    .and_then(|all| all.into_iter().find(|s| s.row.name == *name));
+                // A client seen before comes back with what the store kept; the store is read
+                // once per reload, not once per added client.
+                let rows = stored_rows.get_or_insert_with(|| self.store.load().unwrap_or_default());
+                let stored = rows
+                    .iter()
+                    .position(|s| s.row.name == *name)
+                    .map(|i| rows.swap_remove(i));
                 let client = new_client(cfg.clone(), stored);
                 changes.push(format!("{name}: added"));
                 writes.push(Write::Client(client.state().row(name)));

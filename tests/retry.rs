@@ -32,19 +32,33 @@ async fn backoff_honours_retry_after_and_recovers() {
     );
     let started = Instant::now();
     let daemon = Daemon::start("", &clients);
-    wait_for("the first failure", Duration::from_secs(10), || daemon.status_of("reports") == "retrying");
+    wait_for("the first failure", Duration::from_secs(10), || {
+        daemon.status_of("reports") == "retrying"
+    });
     // Asking now returns the failure without another request to the server.
     let o = daemon.cli(&["token", "reports"]);
     assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
-    assert!(stderr(&o).contains("503") && stderr(&o).contains("next attempt in"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("503") && stderr(&o).contains("next attempt in"),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(server.received_requests().await.unwrap().len(), 1);
 
-    wait_for("recovery", Duration::from_secs(20), || daemon.status_of("reports") == "valid");
+    wait_for("recovery", Duration::from_secs(20), || {
+        daemon.status_of("reports") == "valid"
+    });
     let elapsed = started.elapsed();
     // Two waits of at least Retry-After (3 s) each.
-    assert!(elapsed >= Duration::from_secs(6), "recovered after {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_secs(6),
+        "recovered after {elapsed:?}"
+    );
     assert_eq!(server.received_requests().await.unwrap().len(), 3);
-    assert_eq!(std::fs::read_to_string(daemon.path("run/tokens/reports")).unwrap(), "machine-token-1\n");
+    assert_eq!(
+        std::fs::read_to_string(daemon.path("run/tokens/reports")).unwrap(),
+        "machine-token-1\n"
+    );
     let o = daemon.cli(&["token", "reports"]);
     assert_eq!(stdout(&o), "machine-token-1\n");
     let info = daemon.client("reports");
@@ -64,7 +78,10 @@ async fn a_refused_client_is_told_once_and_never_hammers_the_server() {
         .await;
     let dir = tempfile::tempdir().unwrap();
     let notes = dir.path().join("notes");
-    let settings = format!("notify:\n  on_error: [\"sh\", \"-c\", \"echo {{client}}: {{error}} >> {}\"]\n", notes.display());
+    let settings = format!(
+        "notify:\n  on_error: [\"sh\", \"-c\", \"echo {{client}}: {{error}} >> {}\"]\n",
+        notes.display()
+    );
     let clients = format!(
         "  reports:\n    provider: {{token_url: \"{}/token\"}}\n    grant: client_credentials\n    client_id: reports\n    client_secret: wrong\n    refresh: {{retry: {{initial: 1s, max: 2s}}}}\n",
         server.uri()
@@ -76,9 +93,44 @@ async fn a_refused_client_is_told_once_and_never_hammers_the_server() {
     assert!((2..=7).contains(&requests), "{requests} requests in 6 s");
     let info = daemon.client("reports");
     assert_eq!(info["status"], "retrying");
-    assert!(info["last_error"].as_str().unwrap().contains("invalid_client"), "{info}");
+    assert!(
+        info["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_client"),
+        "{info}"
+    );
     let told = std::fs::read_to_string(&notes).unwrap();
     assert_eq!(told.lines().count(), 1, "{told}");
-    assert!(told.starts_with("reports: ") && told.contains("invalid_client"), "{told}");
+    assert!(
+        told.starts_with("reports: ") && told.contains("invalid_client"),
+        "{told}"
+    );
     assert!(!told.contains("wrong"), "the secret never reaches a hook");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cron_schedule_refreshes_tokens_without_expiry() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "access_token": "no-expiry", "token_type": "Bearer"
+        })))
+        .mount(&server)
+        .await;
+    // Every two seconds (six fields: seconds first).
+    let clients = format!(
+        "  feed:\n    provider: {{token_url: \"{}/token\"}}\n    grant: client_credentials\n    client_id: feed\n    client_secret: s\n    cron: \"*/2 * * * * *\"\n",
+        server.uri()
+    );
+    let daemon = Daemon::start("", &clients);
+    wait_for("the first token", Duration::from_secs(10), || {
+        daemon.status_of("feed") == "valid"
+    });
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let requests = server.received_requests().await.unwrap().len();
+    // The first token, then one per cron tick: 3 or 4 ticks in 7 s.
+    assert!((3..=6).contains(&requests), "{requests} requests");
+    assert!(daemon.client("feed")["expires_at"].is_null());
 }
