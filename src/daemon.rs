@@ -320,7 +320,11 @@ async fn sync_client_cron(
             let client = client.clone();
             Box::pin(async move {
                 if let Some(registry) = registry {
-                    registry.cron_refresh(&client).await;
+                    // Tracked, so that shutdown waits for a grant request in flight.
+                    let tasks = registry.tasks.clone();
+                    let _ = tasks
+                        .spawn(async move { registry.cron_refresh(&client).await })
+                        .await;
                 }
             })
         });

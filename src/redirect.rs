@@ -234,7 +234,7 @@ async fn serve(
             // A browser's pre-opened idle connection must not outlive the listener for long.
             tokio::select! {
                 _ = conn => {}
-                _ = async { stop.cancelled().await; tokio::time::sleep(Duration::from_secs(5)).await } => {}
+                _ = async { stop.cancelled().await; tokio::time::sleep(Duration::from_secs(60)).await } => {}
             }
         });
     }

@@ -463,7 +463,15 @@ impl Registry {
                 changes.push(format!("{name}: back in the configuration"));
             }
             if cfg.fingerprint() != old_cfg.fingerprint() {
-                if st.token.is_some() && st.fingerprint != cfg.fingerprint() {
+                if st.token.is_some()
+                    && st.fingerprint != cfg.fingerprint()
+                    && cfg.grant == Grant::ClientCredentials
+                {
+                    // No user needed: the next timer fetches a token for the new identity.
+                    st.status = Status::Unauthorized;
+                    st.reason = None;
+                    changes.push(format!("{name}: identity changed, fetching a new token"));
+                } else if st.token.is_some() && st.fingerprint != cfg.fingerprint() {
                     st.status = Status::NeedsReauth;
                     st.reason = Some(IDENTITY_CHANGED.into());
                     changes.push(format!("{name}: identity changed, needs authorization"));
@@ -515,6 +523,8 @@ impl Registry {
                         .any(|c| c.sinks.iter().any(|n| n.path == s.path))
                 })
                 .collect();
+            // Under the flight lock, so that a refresh or a forget cannot interleave with it.
+            let _flight = client.flight.lock().await;
             self.clear_sinks(&client.name, gone).await;
             let token = {
                 let st = client.state();
@@ -557,7 +567,7 @@ impl Registry {
     }
 
     /// A client's `cron:` schedule came due.
-    pub async fn cron_refresh(&self, name: &str) {
+    pub async fn cron_refresh(self: &Arc<Self>, name: &str) {
         let Some(client) = self.client(name) else {
             return;
         };
@@ -589,7 +599,11 @@ impl Registry {
 
     /// A token valid for at least `min_valid`, refreshing first (or joining a refresh in
     /// flight) when the current one is not.
-    pub async fn token(&self, name: &str, min_valid: Duration) -> Result<TokenSet, RegistryError> {
+    pub async fn token(
+        self: &Arc<Self>,
+        name: &str,
+        min_valid: Duration,
+    ) -> Result<TokenSet, RegistryError> {
         let client = self.known(name)?;
         let cfg = client.config();
         {
@@ -605,7 +619,25 @@ impl Registry {
     }
 
     /// Runs one grant request for `client`, or joins the one in flight.
+    ///
+    /// The work runs in its own tracked task: a caller that goes away (a consumer that hangs up,
+    /// a connection closed at shutdown) must not cancel a request whose answer may hold the only
+    /// valid refresh token, and shutdown waits for it.
     pub async fn refresh(
+        self: &Arc<Self>,
+        client: &Arc<Client>,
+        trigger: Trigger,
+    ) -> Result<TokenSet, RegistryError> {
+        let registry = self.clone();
+        let client = client.clone();
+        let work = self
+            .tasks
+            .spawn(async move { registry.refresh_now(&client, trigger).await });
+        work.await
+            .unwrap_or_else(|e| Err(RegistryError::Internal(format!("the refresh failed: {e}"))))
+    }
+
+    async fn refresh_now(
         &self,
         client: &Arc<Client>,
         trigger: Trigger,
@@ -764,23 +796,36 @@ impl Registry {
                 None => format!("{how}; no expiry given"),
             };
             (
+                // The client's row first: a token row refers to it.
                 vec![
+                    Write::Client(next.row(&client.name)),
                     Write::Token {
                         client: client.name.to_string(),
                         token: Some((token.clone(), next.generation)),
                     },
-                    Write::Client(next.row(&client.name)),
                     event(&client.name, how, &detail),
                 ],
                 next.generation,
             )
         };
         let committed = self.store.commit(writes).await;
-        {
+        let (disabled, identity_changed) = {
             let mut st = client.state();
+            // A reload may have removed the client or changed its identity meanwhile: the token
+            // is kept, but such a client is neither refreshed again nor written out.
+            let disabled = st.status == Status::Disabled;
+            let now_config = client.config();
+            let identity_changed = now_config.fingerprint() != issued_for.fingerprint();
             st.generation = generation;
             st.token = Some(token.clone());
-            st.status = Status::Valid;
+            st.status = match (disabled, identity_changed) {
+                (true, _) => Status::Disabled,
+                (false, true) if now_config.grant == Grant::ClientCredentials => {
+                    Status::Unauthorized
+                }
+                (false, true) => Status::NeedsReauth,
+                (false, false) => Status::Valid,
+            };
             st.fingerprint = issued_for.fingerprint();
             st.reason = None;
             st.failures = 0;
@@ -793,6 +838,17 @@ impl Registry {
                 // now) and try to save it again soon with a new one.
                 st.last_error = Some(format!("cannot save the token: {e}"));
             }
+            if identity_changed && st.status == Status::NeedsReauth {
+                st.reason = Some(IDENTITY_CHANGED.into());
+            }
+            (disabled, identity_changed)
+        };
+        if disabled || identity_changed {
+            self.schedule_from_state(client);
+            return Err(RegistryError::NeedsAuthorization {
+                client: client.name.to_string(),
+                reason: "the configuration changed while the token was being obtained".into(),
+            });
         }
         if let Err(e) = committed {
             self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
@@ -805,7 +861,8 @@ impl Registry {
         self.counters.refresh_ok.fetch_add(1, Ordering::Relaxed);
         self.schedule_from_state(client);
         tracing::info!(client = %client.name, expires_in = token.remaining(now).map(|ms| ms / 1000), "{how}");
-        self.write_sinks(&client.name, current.sinks.clone(), token.clone())
+        // The sinks of now: a reload during the commit may have changed them.
+        self.write_sinks(&client.name, client.config().sinks.clone(), token.clone())
             .await;
         self.notify(Notice {
             kind: Kind::Refreshed,
@@ -827,8 +884,9 @@ impl Registry {
         let message = e.to_string();
         let (writes, notice, result) = {
             let mut st = client.state();
+            let disabled = st.status == Status::Disabled;
             st.last_error = Some(message.clone());
-            match e.class {
+            let outcome = match e.class {
                 ErrorClass::NeedsUser => {
                     st.status = if st.token.is_some() {
                         Status::NeedsReauth
@@ -889,7 +947,13 @@ impl Registry {
                         },
                     )
                 }
+            };
+            if disabled {
+                // Removed from the config while the request was out: stays removed.
+                st.status = Status::Disabled;
+                st.next_refresh_at = None;
             }
+            outcome
         };
         if let Err(err) = self.store.commit(writes).await {
             self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
@@ -1055,7 +1119,7 @@ impl Registry {
 
     /// The redirect listener hands over a callback that matched a pending authorization.
     pub async fn complete_authorization(
-        &self,
+        self: &Arc<Self>,
         pending: PendingAuth,
         callback: Callback,
     ) -> Result<(), (String, String)> {
@@ -1065,10 +1129,17 @@ impl Registry {
                 "the client was removed from the configuration".into(),
             ));
         };
-        let result = self.exchange(&client, &pending, callback).await;
-        self.finish_authorization(&client, &pending.state, result.clone())
-            .await;
-        result
+        // Like a refresh, the exchange must outlive the browser's connection.
+        let registry = self.clone();
+        let work = self.tasks.spawn(async move {
+            let result = registry.exchange(&client, &pending, callback).await;
+            registry
+                .finish_authorization(&client, &pending.state, result.clone())
+                .await;
+            result
+        });
+        work.await
+            .unwrap_or_else(|e| Err(("internal".into(), format!("the exchange failed: {e}"))))
     }
 
     async fn exchange(
@@ -1235,11 +1306,11 @@ impl Registry {
             ));
             st.next_refresh_at = None;
             vec![
+                Write::Client(st.row(name)),
                 Write::Token {
                     client: name.to_string(),
                     token: None,
                 },
-                Write::Client(st.row(name)),
                 event(name, "forgotten", "tokens deleted on request"),
             ]
         };
@@ -1311,7 +1382,12 @@ fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
             st.generation = generation;
         }
         st.status = restored_status(&st, &cfg);
-        if st.token.is_some() && st.fingerprint != fingerprint {
+        if st.token.is_some()
+            && st.fingerprint != fingerprint
+            && cfg.grant == Grant::ClientCredentials
+        {
+            st.status = Status::Unauthorized;
+        } else if st.token.is_some() && st.fingerprint != fingerprint {
             st.status = Status::NeedsReauth;
             st.reason = Some(IDENTITY_CHANGED.into());
         } else if st.token.is_some() && st.reason.as_deref() == Some(IDENTITY_CHANGED) {

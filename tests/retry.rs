@@ -134,3 +134,51 @@ async fn a_cron_schedule_refreshes_tokens_without_expiry() {
     assert!((3..=6).contains(&requests), "{requests} requests");
     assert!(daemon.client("feed")["expires_at"].is_null());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_hanging_up_does_not_cancel_its_refresh() {
+    let server = MockServer::start().await;
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let seen = counter.clone();
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(move |_: &wiremock::Request| {
+            let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            ResponseTemplate::new(200)
+                .set_delay(Duration::from_millis(1500))
+                .set_body_json(serde_json::json!({
+                    "access_token": format!("slow-{n}"), "token_type": "Bearer", "expires_in": 3600
+                }))
+        })
+        .mount(&server)
+        .await;
+    let clients = format!(
+        "  slow:\n    provider: {{token_url: \"{}/token\"}}\n    grant: client_credentials\n    client_id: slow\n    client_secret: s\n    sinks: [{{path: tokens/slow}}]\n",
+        server.uri()
+    );
+    let daemon = Daemon::start("", &clients);
+    wait_for("the first token", Duration::from_secs(10), || {
+        daemon.status_of("slow") == "valid"
+    });
+    // Ask for a refresh and hang up long before the server answers.
+    let socket = daemon.socket.clone();
+    let gave_up = oauth2mci::cli::request(
+        &socket,
+        "POST",
+        "/v1/clients/slow/refresh",
+        Duration::from_millis(300),
+    );
+    assert!(gave_up.is_err(), "the consumer gave up");
+    wait_for(
+        "the refresh to land anyway",
+        Duration::from_secs(10),
+        || std::fs::read_to_string(daemon.path("run/tokens/slow")).is_ok_and(|t| t == "slow-2\n"),
+    );
+    assert_eq!(daemon.status_of("slow"), "valid");
+    assert_eq!(counter.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert!(
+        !daemon.log_text().contains("not saved"),
+        "{}",
+        daemon.log_text()
+    );
+}
