@@ -132,11 +132,7 @@ fn duration_param(
     let Some(v) = params.get(name) else {
         return Ok(None);
     };
-    let parsed = match v.parse::<u64>() {
-        Ok(secs) => Ok(Duration::from_secs(secs)),
-        Err(_) => humantime::parse_duration(v).map_err(|e| e.to_string()),
-    };
-    parsed.map(Some).map_err(|e| {
+    wire::parse_duration(v).map(Some).map_err(|e| {
         ApiError::bad_request(format!(
             "{name}={v:?} is not a duration (seconds, or like 90s or 5m): {e}"
         ))

@@ -92,10 +92,7 @@ enum Command {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 60s or 5m: {e}"))
+    wire::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 60s or 5m: {e}"))
 }
 
 /// A failed command: its exit code and one line for the user.

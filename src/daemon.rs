@@ -7,7 +7,7 @@
 use crate::api;
 use crate::config::{self, Config};
 use crate::registry::Registry;
-use crate::store::Store;
+use crate::store::{Store, Write};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -287,7 +287,15 @@ async fn start_cron(registry: Arc<Registry>) -> Result<Option<JobScheduler>, Str
 
 async fn prune_history(registry: &Registry) {
     let history = registry.config().history.clone();
-    let writes = registry.prune(history.retention, history.keep_removed);
+    let now = crate::token::now_ms();
+    let writes = vec![
+        Write::PruneEvents {
+            before: now - history.retention.as_millis() as i64,
+        },
+        Write::ForgetRemoved {
+            before: now - history.keep_removed.as_millis() as i64,
+        },
+    ];
     if let Err(e) = registry.store().commit(writes).await {
         tracing::error!("cannot prune the history: {e}");
     }

@@ -49,6 +49,18 @@ pub struct Notice {
     pub url: String,
 }
 
+impl Notice {
+    /// A notice without a URL (only authorization notices carry one).
+    pub fn new(kind: Kind, client: &str, error: &str) -> Notice {
+        Notice {
+            kind,
+            client: client.to_string(),
+            error: error.to_string(),
+            url: String::new(),
+        }
+    }
+}
+
 /// Runs the hook for `notice`, if one is configured, as a tracked background task.
 pub fn send(cfg: &NotifyConfig, notice: Notice, tasks: &TaskTracker) {
     let Some(argv) = notice.kind.command(cfg).cloned() else {

@@ -130,6 +130,21 @@ struct ClientState {
 }
 
 impl ClientState {
+    /// What storing a new token does to a client: valid, failures and reasons cleared, and the
+    /// user may be told again at the next incident.
+    fn take_token(&mut self, token: TokenSet, generation: i64, fingerprint: String, now: i64) {
+        self.generation = generation;
+        self.token = Some(token);
+        self.status = Status::Valid;
+        self.fingerprint = fingerprint;
+        self.reason = None;
+        self.failures = 0;
+        self.last_error = None;
+        self.last_refresh_at = Some(now);
+        self.reauth_notified = false;
+        self.error_notified = false;
+    }
+
     fn row(&self, name: &str) -> ClientRow {
         ClientRow {
             name: name.to_string(),
@@ -764,33 +779,16 @@ impl Registry {
         token: TokenSet,
         how: &str,
     ) -> Result<TokenSet, RegistryError> {
-        let current = client.config();
-        if current.fingerprint() != issued_for.fingerprint() {
-            // The configuration changed identity while the request was out: this token belongs
-            // to a grant the user no longer wants.
-            tracing::warn!(client = %client.name, "discarding a token issued under the previous configuration");
-            let mut st = client.state();
-            st.status = if st.token.is_some() {
-                Status::NeedsReauth
-            } else {
-                Status::Unauthorized
-            };
-            return Err(RegistryError::NeedsAuthorization {
-                client: client.name.to_string(),
-                reason: "the configuration changed while the token was being obtained".into(),
-            });
-        }
         let now = now_ms();
         let (writes, generation) = {
             let st = client.state();
             let mut next = st.clone();
-            next.generation += 1;
-            next.status = Status::Valid;
-            next.fingerprint = issued_for.fingerprint();
-            next.reason = None;
-            next.failures = 0;
-            next.last_error = None;
-            next.last_refresh_at = Some(now);
+            next.take_token(
+                token.clone(),
+                st.generation + 1,
+                issued_for.fingerprint(),
+                now,
+            );
             let detail = match token.remaining(now) {
                 Some(ms) => format!("{how}; expires in {}s", ms / 1000),
                 None => format!("{how}; no expiry given"),
@@ -811,13 +809,14 @@ impl Registry {
         let committed = self.store.commit(writes).await;
         let (disabled, identity_changed) = {
             let mut st = client.state();
-            // A reload may have removed the client or changed its identity meanwhile: the token
-            // is kept, but such a client is neither refreshed again nor written out.
+            // A reload may have removed the client or changed its identity while the request
+            // or the commit was out: the token is kept (stored under the fingerprint it was
+            // issued for, so undoing the edit brings it back), but it is neither served, nor
+            // refreshed, nor written out.
             let disabled = st.status == Status::Disabled;
             let now_config = client.config();
             let identity_changed = now_config.fingerprint() != issued_for.fingerprint();
-            st.generation = generation;
-            st.token = Some(token.clone());
+            st.take_token(token.clone(), generation, issued_for.fingerprint(), now);
             st.status = match (disabled, identity_changed) {
                 (true, _) => Status::Disabled,
                 (false, true) if now_config.grant == Grant::ClientCredentials => {
@@ -826,13 +825,6 @@ impl Registry {
                 (false, true) => Status::NeedsReauth,
                 (false, false) => Status::Valid,
             };
-            st.fingerprint = issued_for.fingerprint();
-            st.reason = None;
-            st.failures = 0;
-            st.last_refresh_at = Some(now);
-            st.reauth_notified = false;
-            st.error_notified = false;
-            st.last_error = None;
             if let Err(e) = &committed {
                 // Keep the token in memory (a rotated refresh token is the only one that works
                 // now) and try to save it again soon with a new one.
@@ -853,7 +845,7 @@ impl Registry {
         if let Err(e) = committed {
             self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(client = %client.name, "token obtained but not saved, sinks not written: {e}");
-            let retry = now_ms() + current.refresh.retry_initial.as_millis() as i64;
+            let retry = now_ms() + client.config().refresh.retry_initial.as_millis() as i64;
             client.state().next_refresh_at = Some(retry);
             self.scheduler.set(client.name.clone(), retry);
             return Ok(token);
@@ -864,12 +856,7 @@ impl Registry {
         // The sinks of now: a reload during the commit may have changed them.
         self.write_sinks(&client.name, client.config().sinks.clone(), token.clone())
             .await;
-        self.notify(Notice {
-            kind: Kind::Refreshed,
-            client: client.name.to_string(),
-            error: String::new(),
-            url: String::new(),
-        });
+        self.notify(Notice::new(Kind::Refreshed, &client.name, ""));
         Ok(token)
     }
 
@@ -895,12 +882,8 @@ impl Registry {
                     };
                     st.reason = Some(message.clone());
                     st.next_refresh_at = None;
-                    let notice = (!st.reauth_notified).then(|| Notice {
-                        kind: Kind::ReauthNeeded,
-                        client: client.name.to_string(),
-                        error: message.clone(),
-                        url: String::new(),
-                    });
+                    let notice = (!st.reauth_notified)
+                        .then(|| Notice::new(Kind::ReauthNeeded, &client.name, &message));
                     st.reauth_notified = true;
                     tracing::warn!(client = %client.name, "needs authorization: {message}");
                     (
@@ -928,12 +911,8 @@ impl Registry {
                     tracing::warn!(client = %client.name, failures = st.failures, retry_in = ?delay, "refresh failed: {message}");
                     // Settings errors are worth telling at once; passing outages after a few tries.
                     let tell = e.class == ErrorClass::Config || st.failures >= 3;
-                    let notice = (tell && !st.error_notified).then(|| Notice {
-                        kind: Kind::Error,
-                        client: client.name.to_string(),
-                        error: message.clone(),
-                        url: String::new(),
-                    });
+                    let notice = (tell && !st.error_notified)
+                        .then(|| Notice::new(Kind::Error, &client.name, &message));
                     st.error_notified |= tell;
                     (
                         vec![
@@ -1332,18 +1311,6 @@ impl Registry {
 
     pub fn list(&self) -> Vec<ClientInfo> {
         self.all().iter().map(|c| info(c)).collect()
-    }
-
-    pub fn prune(&self, retention: Duration, keep_removed: Duration) -> Vec<Write> {
-        let now = now_ms();
-        vec![
-            Write::PruneEvents {
-                before: now - retention.as_millis() as i64,
-            },
-            Write::ForgetRemoved {
-                before: now - keep_removed.as_millis() as i64,
-            },
-        ]
     }
 
     pub fn store(&self) -> &Store {

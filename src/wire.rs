@@ -2,6 +2,16 @@
 //! (which reads them). Times are unix milliseconds; durations are whole seconds.
 
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// A duration as the API and the CLI take it (`min_valid`, `wait`): whole seconds (`60`), or
+/// with a unit (`90s`, `5m`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    match s.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(s).map_err(|e| e.to_string()),
+    }
+}
 
 /// One client as `GET /v1/clients[/{name}]` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
