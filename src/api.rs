@@ -179,6 +179,7 @@ async fn token(
         expires_at: t.expires_at,
         expires_in: t.remaining(now).map(|ms| ms.div_euclid(1000)),
         scope: t.scope.clone(),
+        extra: t.extra.clone(),
     };
     let mut response = Json(reply).into_response();
     response

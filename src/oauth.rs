@@ -3,7 +3,9 @@
 //! callers get a `TokenSet` or a classified `GrantError` and decide what to do with it.
 
 use crate::config::ClientConfig;
-use crate::provider::{ClientAuth, RequestEncoding};
+use crate::provider::{
+    ClientAuth, ExpiryField, Profile, RefreshMechanism, RequestEncoding, ResponseFormat, Revocation,
+};
 use crate::secret::Secret;
 use crate::token::{TokenSet, now_ms};
 use base64::Engine as _;
@@ -11,6 +13,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::RngCore;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 use url::Url;
@@ -69,6 +72,16 @@ impl GrantError {
             retry_after: None,
         }
     }
+
+    /// The configuration cannot produce a valid request.
+    pub fn config(message: String) -> Self {
+        GrantError {
+            class: ErrorClass::Config,
+            code: None,
+            message,
+            retry_after: None,
+        }
+    }
 }
 
 /// A PKCE verifier and its S256 challenge (RFC 7636).
@@ -116,10 +129,7 @@ pub fn authorize_url(
         q.append_pair("client_id", &client.client_id);
         q.append_pair("redirect_uri", redirect_uri.as_str());
         if !client.scopes.is_empty() {
-            q.append_pair(
-                "scope",
-                &client.scopes.join(&client.profile.scope_separator),
-            );
+            q.append_pair(&client.profile.scope_param, &client.scope_string());
         }
         q.append_pair("state", state);
         if let Some(c) = challenge {
@@ -131,6 +141,61 @@ pub fn authorize_url(
         }
     }
     Some(url)
+}
+
+/// One grant request to the token endpoint.
+pub enum Grant<'a> {
+    /// Authorization code exchange (RFC 6749 section 4.1.3).
+    Code {
+        code: &'a str,
+        redirect_uri: &'a Url,
+        verifier: Option<&'a Secret>,
+    },
+    /// Refresh (RFC 6749 section 6).
+    Refresh { refresh_token: &'a Secret },
+    /// A still-valid access token swapped for a fresh one (`fb_exchange_token`).
+    Exchange { access_token: &'a Secret },
+    /// Client credentials (RFC 6749 section 4.4).
+    ClientCredentials,
+}
+
+impl Grant<'_> {
+    fn type_name(&self) -> &'static str {
+        match self {
+            Grant::Code { .. } => "authorization_code",
+            Grant::Refresh { .. } => "refresh_token",
+            Grant::Exchange { .. } => "fb_exchange_token",
+            Grant::ClientCredentials => "client_credentials",
+        }
+    }
+}
+
+/// The request that renews `old`, by the profile's refresh mechanism; an error when only the
+/// user can renew it.
+pub fn renewal_grant<'t>(
+    client: &ClientConfig,
+    old: &'t TokenSet,
+    now: i64,
+) -> Result<Grant<'t>, GrantError> {
+    match client.profile.refresh_mechanism {
+        RefreshMechanism::RefreshToken => match &old.refresh_token {
+            Some(rt) => Ok(Grant::Refresh { refresh_token: rt }),
+            None => Err(GrantError::needs_user(
+                "the server gave no refresh token, so only a new authorization can renew it",
+            )),
+        },
+        RefreshMechanism::FbExchangeToken if old.valid_for(now, Duration::ZERO) => {
+            Ok(Grant::Exchange {
+                access_token: &old.access_token,
+            })
+        }
+        RefreshMechanism::FbExchangeToken => Err(GrantError::needs_user(
+            "the access token expired before it could be exchanged for a new one",
+        )),
+        RefreshMechanism::None => Err(GrantError::needs_user(
+            "this provider cannot renew tokens without the user",
+        )),
+    }
 }
 
 /// Sends grant requests. One per daemon: its connection pool is shared by every client.
@@ -160,108 +225,350 @@ impl Engine {
         code: &str,
         redirect_uri: &Url,
         verifier: Option<&Secret>,
+        callback: &BTreeMap<String, String>,
     ) -> Result<TokenSet, GrantError> {
-        let mut params = vec![
-            ("grant_type", "authorization_code".to_string()),
-            ("code", code.to_string()),
-            ("redirect_uri", redirect_uri.to_string()),
-        ];
-        if let Some(v) = verifier {
-            params.push(("code_verifier", v.expose().to_string()));
+        let grant = Grant::Code {
+            code,
+            redirect_uri,
+            verifier,
+        };
+        let mut token = self.grant(client, grant).await?;
+        for field in &client.profile.callback_fields {
+            if let Some(v) = callback.get(field) {
+                token.extra.insert(field.clone(), Value::String(v.clone()));
+            }
         }
-        self.token_request(client, params).await
+        Ok(token)
     }
 
+    /// Renews `old` the way the profile says; the answer inherits what it does not replace.
     pub async fn refresh(
         &self,
         client: &ClientConfig,
-        refresh_token: &Secret,
+        old: &TokenSet,
+        now: i64,
     ) -> Result<TokenSet, GrantError> {
-        let params = vec![
-            ("grant_type", "refresh_token".to_string()),
-            ("refresh_token", refresh_token.expose().to_string()),
-        ];
-        self.token_request(client, params).await
+        let grant = renewal_grant(client, old, now)?;
+        let token = self.grant(client, grant).await?;
+        Ok(token.carry_over(old, client.profile.keep_refresh_token))
     }
 
     pub async fn client_credentials(&self, client: &ClientConfig) -> Result<TokenSet, GrantError> {
-        let mut params = vec![("grant_type", "client_credentials".to_string())];
-        if !client.scopes.is_empty() {
-            params.push(("scope", client.scopes.join(" ")));
-        }
-        self.token_request(client, params).await
+        self.grant(client, Grant::ClientCredentials).await
     }
 
-    async fn token_request(
-        &self,
-        client: &ClientConfig,
-        mut params: Vec<(&'static str, String)>,
-    ) -> Result<TokenSet, GrantError> {
-        let url = &client.endpoints.token;
-        let mut req = self
-            .http
-            .post(url.clone())
-            .header(reqwest::header::ACCEPT, "application/json");
-        match (client.client_auth(), &client.client_secret) {
-            (ClientAuth::Basic, Some(secret)) => {
-                // RFC 6749 section 2.3.1: both parts are form-urlencoded before Basic encoding.
-                let id = form_encode(&client.client_id);
-                let secret = form_encode(secret.expose());
-                req = req.basic_auth(id, Some(secret));
-            }
-            (ClientAuth::Post, Some(secret)) => {
-                params.push(("client_id", client.client_id.clone()));
-                params.push(("client_secret", secret.expose().to_string()));
-            }
-            _ => params.push(("client_id", client.client_id.clone())),
-        }
-        for (k, v) in &client.profile.token_headers {
-            req = req.header(k.as_str(), v.as_str());
-        }
-        req = match client.profile.token_request {
-            RequestEncoding::Form => req.form(&params),
-            RequestEncoding::Json => {
-                let body: Map<String, Value> = params
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), Value::String(v)))
-                    .collect();
-                req.json(&body)
-            }
-        };
-        let resp = req.send().await.map_err(|e| {
+    async fn grant(&self, client: &ClientConfig, grant: Grant<'_>) -> Result<TokenSet, GrantError> {
+        let request = token_request(&self.http, client, &grant)?;
+        let url = request.url().clone();
+        let shown = shown_url(&url);
+        let resp = self.http.execute(request).await.map_err(|e| {
             GrantError::transient(format!(
-                "cannot reach the token endpoint {url}: {}",
-                error_chain(&e)
+                "cannot reach the token endpoint {shown}: {}",
+                http_error(e)
             ))
         })?;
-        let status = resp.status();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        let content_type = resp
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        let body = read_capped(resp)
+        let answer = read_answer(resp)
             .await
-            .map_err(|m| GrantError::transient(format!("token endpoint {url}: {m}")))?;
-        interpret(
-            url,
-            status.as_u16(),
-            &content_type,
-            &body,
-            retry_after,
-            now_ms(),
-        )
+            .map_err(|m| GrantError::transient(format!("token endpoint {shown}: {m}")))?;
+        interpret(&client.profile, &shown, &answer, now_ms())
     }
+
+    /// Revokes the client's grant at the server, the way its profile says.
+    pub async fn revoke(&self, client: &ClientConfig, token: &TokenSet) -> Result<(), GrantError> {
+        let request = revoke_request(&self.http, client, token)?;
+        let shown = shown_url(request.url());
+        let resp = self.http.execute(request).await.map_err(|e| {
+            GrantError::transient(format!(
+                "cannot reach the revocation endpoint {shown}: {}",
+                http_error(e)
+            ))
+        })?;
+        let answer = read_answer(resp)
+            .await
+            .map_err(|m| GrantError::transient(format!("revocation endpoint {shown}: {m}")))?;
+        if (200..300).contains(&answer.status) {
+            return Ok(());
+        }
+        match interpret(&client.profile, &shown, &answer, now_ms()) {
+            Err(mut e) => {
+                e.message = e
+                    .message
+                    .replacen("token endpoint", "revocation endpoint", 1);
+                Err(e)
+            }
+            Ok(_) => Err(GrantError::transient(format!(
+                "revocation endpoint {shown} answered {}",
+                answer.status
+            ))),
+        }
+    }
+}
+
+/// A URL as shown in messages: without its query, which may carry a secret (Facebook's GET).
+fn shown_url(url: &Url) -> String {
+    let mut u = url.clone();
+    u.set_query(None);
+    u.to_string()
+}
+
+/// What came back from an endpoint, read in full (and capped).
+pub struct Answer {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Vec<u8>,
+    pub retry_after: Option<Duration>,
+}
+
+async fn read_answer(resp: reqwest::Response) -> Result<Answer, String> {
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
+    let content_type = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = read_capped(resp).await?;
+    Ok(Answer {
+        status,
+        content_type,
+        body,
+        retry_after,
+    })
+}
+
+/// The parameters of a request, before the profile decides where they go.
+type Params = Vec<(String, String)>;
+
+fn push(params: &mut Params, k: &str, v: impl Into<String>) {
+    params.push((k.to_string(), v.into()));
+}
+
+/// Builds a token request as the profile shapes it: endpoint, method, where the parameters go,
+/// how the client authenticates, which headers. Nothing is sent.
+pub fn token_request(
+    http: &reqwest::Client,
+    client: &ClientConfig,
+    grant: &Grant<'_>,
+) -> Result<reqwest::Request, GrantError> {
+    let profile = &client.profile;
+    let mut params: Params = Vec::new();
+    push(&mut params, "grant_type", grant.type_name());
+    match grant {
+        Grant::Code {
+            code,
+            redirect_uri,
+            verifier,
+        } => {
+            push(&mut params, "code", *code);
+            push(&mut params, "redirect_uri", redirect_uri.as_str());
+            if let Some(v) = verifier {
+                push(&mut params, "code_verifier", v.expose());
+            }
+        }
+        Grant::Refresh { refresh_token } => {
+            push(&mut params, "refresh_token", refresh_token.expose());
+        }
+        Grant::Exchange { access_token } => {
+            push(&mut params, "fb_exchange_token", access_token.expose());
+        }
+        Grant::ClientCredentials => {
+            if !client.scopes.is_empty() {
+                push(&mut params, "scope", client.scope_string());
+            }
+        }
+    }
+    let extra = profile.token_params.iter().chain(
+        matches!(grant, Grant::Refresh { .. } | Grant::Exchange { .. })
+            .then_some(&profile.refresh_params)
+            .into_iter()
+            .flatten(),
+    );
+    for (k, template) in extra {
+        // Only {redirect_uri} can lack a value (no fixed redirect URI, no default in the
+        // template): the parameter is then left out.
+        let Ok(value) = client.param_value(template) else {
+            continue;
+        };
+        params.retain(|(name, _)| name != k);
+        push(&mut params, k, value);
+    }
+    let url = match grant {
+        Grant::Refresh { .. } | Grant::Exchange { .. } => &client.endpoints.refresh,
+        _ => &client.endpoints.token,
+    };
+    let mut basic = None;
+    match (client.client_auth(), &client.client_secret) {
+        (ClientAuth::Basic, Some(secret)) => basic = Some(secret),
+        (ClientAuth::BasicWithClientId, Some(secret)) => {
+            basic = Some(secret);
+            push(&mut params, "client_id", &client.client_id);
+        }
+        (ClientAuth::Post, Some(secret)) => {
+            push(&mut params, "client_id", &client.client_id);
+            push(&mut params, "client_secret", secret.expose());
+        }
+        _ => push(&mut params, "client_id", &client.client_id),
+    }
+    let mut url = url.clone();
+    if profile.token_request == RequestEncoding::Query {
+        url.query_pairs_mut().extend_pairs(&params);
+    }
+    let mut req = http
+        .request(profile.token_method.as_reqwest(), url)
+        .header(reqwest::header::ACCEPT, "application/json");
+    if let Some(secret) = basic {
+        req = with_basic(req, &client.client_id, secret);
+    }
+    req = match profile.token_request {
+        RequestEncoding::Form => req.form(&params),
+        RequestEncoding::Json => req.json(&json_object(params)),
+        RequestEncoding::Query => req,
+    };
+    let mut request = req.build().map_err(|e| {
+        GrantError::config(format!("cannot build the token request: {}", http_error(e)))
+    })?;
+    set_headers(&mut request, client);
+    Ok(request)
+}
+
+/// RFC 6749 section 2.3.1: both parts are form-urlencoded before Basic encoding.
+fn with_basic(
+    req: reqwest::RequestBuilder,
+    client_id: &str,
+    secret: &Secret,
+) -> reqwest::RequestBuilder {
+    req.basic_auth(form_encode(client_id), Some(form_encode(secret.expose())))
+}
+
+fn json_object(params: Params) -> Map<String, Value> {
+    params
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect()
+}
+
+/// The profile's headers replace the daemon's (a profile's `Accept` wins); their values may
+/// use the token-parameter variables (Reddit's User-Agent names the client id).
+fn set_headers(request: &mut reqwest::Request, client: &ClientConfig) {
+    for (k, template) in &client.profile.token_headers {
+        let value = client
+            .param_value(template)
+            .unwrap_or_else(|_| template.clone());
+        // Names and templates were checked when the profile was resolved.
+        if let (Ok(name), Ok(value)) = (
+            reqwest::header::HeaderName::from_bytes(k.as_bytes()),
+            reqwest::header::HeaderValue::from_str(&value),
+        ) {
+            request.headers_mut().insert(name, value);
+        }
+    }
+}
+
+/// Builds the revocation request the profile describes. Nothing is sent.
+pub fn revoke_request(
+    http: &reqwest::Client,
+    client: &ClientConfig,
+    token: &TokenSet,
+) -> Result<reqwest::Request, GrantError> {
+    let profile = &client.profile;
+    let Some(template) = client
+        .endpoints
+        .revoke
+        .as_ref()
+        .filter(|_| profile.revocation != Revocation::None)
+    else {
+        return Err(GrantError::config(format!(
+            "provider {} offers no token revocation",
+            client.provider
+        )));
+    };
+    let (hint, value) = match &token.refresh_token {
+        // Revoking the refresh token ends the whole grant (RFC 7009 section 2.1).
+        Some(rt) => ("refresh_token", rt),
+        None => ("access_token", &token.access_token),
+    };
+    let filled = template
+        .replace(
+            "{refresh_token}",
+            &form_encode(
+                token
+                    .refresh_token
+                    .as_ref()
+                    .unwrap_or(&token.access_token)
+                    .expose(),
+            ),
+        )
+        .replace("{access_token}", &form_encode(token.access_token.expose()));
+    let url = Url::parse(&filled)
+        .map_err(|e| GrantError::config(format!("the revocation URL is not a URL: {e}")))?;
+    let mut req = http.request(profile.revoke_method.as_reqwest(), url);
+    let secret = client.client_secret.as_ref();
+    let auth = client.client_auth();
+    req = match profile.revocation {
+        Revocation::Rfc7009 => {
+            let mut params: Params = Vec::new();
+            push(&mut params, "token", value.expose());
+            push(&mut params, "token_type_hint", hint);
+            match (auth, secret) {
+                (ClientAuth::Basic, Some(s)) => req = with_basic(req, &client.client_id, s),
+                (ClientAuth::BasicWithClientId, Some(s)) => {
+                    req = with_basic(req, &client.client_id, s);
+                    push(&mut params, "client_id", &client.client_id);
+                }
+                (ClientAuth::Post, Some(s)) => {
+                    push(&mut params, "client_id", &client.client_id);
+                    push(&mut params, "client_secret", s.expose());
+                }
+                _ => push(&mut params, "client_id", &client.client_id),
+            }
+            match profile.token_request {
+                RequestEncoding::Json => req.json(&json_object(params)),
+                _ => req.form(&params),
+            }
+        }
+        Revocation::Json => {
+            let mut body = Map::new();
+            body.insert(
+                "access_token".into(),
+                Value::String(token.access_token.expose().to_string()),
+            );
+            match secret {
+                Some(s) => req = with_basic(req, &client.client_id, s),
+                None => {
+                    body.insert("client_id".into(), Value::String(client.client_id.clone()));
+                }
+            }
+            req.json(&body)
+        }
+        Revocation::Bearer => req.bearer_auth(token.access_token.expose()),
+        Revocation::Url | Revocation::None => req,
+    };
+    let mut request = req
+        .header(reqwest::header::ACCEPT, "application/json")
+        .build()
+        .map_err(|e| {
+            GrantError::config(format!(
+                "cannot build the revocation request: {}",
+                http_error(e)
+            ))
+        })?;
+    set_headers(&mut request, client);
+    Ok(request)
 }
 
 fn form_encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// An HTTP error in one line, without its URL: a query string may hold a secret (Facebook's
+/// GET token request carries the client secret and the token).
+fn http_error(e: reqwest::Error) -> String {
+    error_chain(&e.without_url())
 }
 
 /// The cause chain of an HTTP error in one line ("connection refused" sits deep in it).
@@ -292,7 +599,7 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, String> {
     while let Some(chunk) = resp
         .chunk()
         .await
-        .map_err(|e| format!("reading the response failed: {}", error_chain(&e)))?
+        .map_err(|e| format!("reading the response failed: {}", http_error(e)))?
     {
         if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
             return Err(format!(
@@ -317,36 +624,69 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
     )
 }
 
-/// Reads a token endpoint's answer: a `TokenSet`, or the error it carries, classified.
+/// Reads a token endpoint's answer through the profile: a `TokenSet`, or the error it carries,
+/// classified. Messages name fields and shapes, never values (they may be secrets).
 pub fn interpret(
-    url: &Url,
-    status: u16,
-    content_type: &str,
-    body: &[u8],
-    retry_after: Option<Duration>,
+    profile: &Profile,
+    url: &str,
+    answer: &Answer,
     now: i64,
 ) -> Result<TokenSet, GrantError> {
-    let fields = parse_body(content_type, body);
-    let error_code = fields
-        .as_ref()
-        .and_then(|f| f.get("error"))
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    if (200..300).contains(&status) && error_code.is_none() {
-        let Some(fields) = fields else {
+    let Answer {
+        status,
+        content_type,
+        body,
+        retry_after,
+    } = answer;
+    let (status, retry_after) = (*status, *retry_after);
+    let fields = parse_body(profile.response_format, content_type, body);
+    let root = fields.as_ref().map(|m| Value::Object(m.clone()));
+    let raw_code = root.as_ref().and_then(|r| {
+        profile
+            .error_fields
+            .iter()
+            .find_map(|p| lookup(r, p).and_then(scalar_text))
+    });
+    let failed_flag = root.as_ref().is_some_and(|r| {
+        profile
+            .success_field
+            .as_deref()
+            .and_then(|p| lookup(r, p))
+            .is_some_and(|v| v == &Value::Bool(false) || v.as_str() == Some("false"))
+    });
+    let ok_status = (200..300).contains(&status);
+    if ok_status && raw_code.is_none() && !failed_flag {
+        let Some(root) = root else {
             return Err(GrantError::transient(format!(
-                "token endpoint {url} answered {status} with a body that is neither JSON nor a form ({})",
+                "token endpoint {url} answered {status} with a body that is not {} ({})",
+                match profile.response_format {
+                    ResponseFormat::Auto => "JSON or a form",
+                    ResponseFormat::Json => "JSON, as the profile expects",
+                    ResponseFormat::Form => "a form, as the profile expects",
+                },
                 describe_body(content_type, body)
             )));
         };
-        return token_from_fields(&fields, now)
-            .map_err(|m| GrantError::transient(format!("token endpoint {url}: {m}")));
+        return token_from_fields(profile, &root, now).map_err(|m| {
+            GrantError::transient(format!(
+                "token endpoint {url}: {m}; the previous token stays in use"
+            ))
+        });
     }
-    let description = fields
-        .as_ref()
-        .and_then(|f| f.get("error_description"))
-        .and_then(Value::as_str)
-        .map(|d| d.chars().take(300).collect::<String>());
+    let description = root.as_ref().and_then(|r| {
+        profile
+            .error_description_fields
+            .iter()
+            .find_map(|p| lookup(r, p).and_then(scalar_text))
+            .map(|d| d.chars().take(300).collect::<String>())
+    });
+    let error_code = raw_code.as_ref().map(|c| {
+        profile
+            .error_codes
+            .get(c)
+            .cloned()
+            .unwrap_or_else(|| c.clone())
+    });
     let class = match (error_code.as_deref(), status) {
         (Some("invalid_grant"), _) => ErrorClass::NeedsUser,
         (
@@ -362,10 +702,20 @@ pub fn interpret(
         _ => ErrorClass::Transient,
     };
     let mut message = format!("token endpoint {url} answered {status}");
-    match (&error_code, &description) {
-        (Some(code), Some(d)) => message.push_str(&format!(" {code}: {d}")),
-        (Some(code), None) => message.push_str(&format!(" {code}")),
-        (None, _) => message.push_str(&format!(" ({})", describe_body(content_type, body))),
+    match (&raw_code, &error_code, &description) {
+        (Some(raw), Some(code), d) => {
+            message.push(' ');
+            message.push_str(raw);
+            if raw != code {
+                message.push_str(&format!(" (= {code})"));
+            }
+            if let Some(d) = d {
+                message.push_str(&format!(": {d}"));
+            }
+        }
+        (_, _, Some(d)) if failed_flag => message.push_str(&format!(" with a failure: {d}")),
+        _ if failed_flag => message.push_str(" with a failure and no error code"),
+        _ => message.push_str(&format!(" ({})", describe_body(content_type, body))),
     }
     Err(GrantError {
         class,
@@ -389,63 +739,167 @@ fn describe_body(content_type: &str, body: &[u8]) -> String {
     }
 }
 
-/// JSON, or a form-encoded body (what some servers send without `Accept: application/json`).
-fn parse_body(content_type: &str, body: &[u8]) -> Option<Map<String, Value>> {
-    if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) {
-        return Some(map);
+/// The body as a map, the way the profile reads it.
+fn parse_body(
+    format: ResponseFormat,
+    content_type: &str,
+    body: &[u8],
+) -> Option<Map<String, Value>> {
+    let json = || match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Some(map),
+        _ => None,
+    };
+    let form = || {
+        let text = std::str::from_utf8(body).ok()?.trim();
+        if !text.contains('=') || text.starts_with('<') || text.starts_with('{') {
+            return None;
+        }
+        Some(
+            url::form_urlencoded::parse(text.as_bytes())
+                .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+                .collect(),
+        )
+    };
+    match format {
+        ResponseFormat::Json => json(),
+        ResponseFormat::Form => form(),
+        ResponseFormat::Auto => {
+            let looks_like_form = content_type.starts_with("application/x-www-form-urlencoded")
+                || content_type.starts_with("text/plain");
+            json().or_else(|| if looks_like_form { form() } else { None })
+        }
     }
-    let looks_like_form = content_type.starts_with("application/x-www-form-urlencoded")
-        || content_type.starts_with("text/plain");
-    let text = std::str::from_utf8(body).ok()?;
-    if looks_like_form && text.contains('=') && !text.trim_start().starts_with('<') {
-        let map: Map<String, Value> = url::form_urlencoded::parse(text.trim().as_bytes())
-            .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
-            .collect();
-        return Some(map);
-    }
-    None
 }
 
-/// A number that may come as a JSON number or as a numeric string.
-fn number(v: &Value) -> Option<i64> {
+/// The value at a dotted path; numeric segments index arrays (`errors.0.errorType`).
+fn lookup<'v>(root: &'v Value, path: &str) -> Option<&'v Value> {
+    path.split('.').try_fold(root, |v, seg| match v {
+        Value::Object(m) => m.get(seg),
+        Value::Array(a) => seg.parse::<usize>().ok().and_then(|i| a.get(i)),
+        _ => None,
+    })
+}
+
+/// A code or description: a string, or a number written out.
+fn scalar_text(v: &Value) -> Option<String> {
     match v {
-        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
-        Value::String(s) => s.trim().parse().ok(),
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
 }
 
-fn token_from_fields(f: &Map<String, Value>, now: i64) -> Result<TokenSet, String> {
+/// A number that may come as a JSON number or, where the profile allows, a numeric string.
+fn number(v: &Value, key: &str, strings_allowed: bool) -> Result<i64, String> {
+    match v {
+        Value::Number(n) => n
+            .as_i64()
+            .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
+            .ok_or_else(|| format!("{key} is out of range")),
+        Value::String(s) if strings_allowed => s
+            .trim()
+            .parse::<i64>()
+            .map_err(|_| format!("{key} is a string that is not a number")),
+        Value::String(_) => Err(format!(
+            "{key} is a string, and the profile says numbers come as numbers (numbers_as_strings: false)"
+        )),
+        other => Err(format!("{key} is not a number ({})", kind(other))),
+    }
+}
+
+/// A Unix time in seconds as milliseconds, refusing what cannot be a time.
+fn absolute_ms(secs: i64, key: &str, now: i64) -> Result<i64, String> {
+    let at = secs.saturating_mul(1000);
+    if at < now - 60_000 {
+        return Err(format!(
+            "{key} is {}s in the past: the token would be born expired (is this machine's clock right?)",
+            (now - at) / 1000
+        ));
+    }
+    Ok(at)
+}
+
+fn token_from_fields(profile: &Profile, root: &Value, now: i64) -> Result<TokenSet, String> {
+    let object = match &profile.token_path {
+        Some(path) => match lookup(root, path) {
+            Some(v @ Value::Object(_)) => v,
+            Some(other) => {
+                return Err(format!(
+                    "`{path}` (the profile's token_path) is {}, not an object",
+                    kind(other)
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "the response has no `{path}` (the profile's token_path)"
+                ));
+            }
+        },
+        None => root,
+    };
+    let Value::Object(f) = object else {
+        return Err("the response is not an object".into());
+    };
     let text = |k: &str| {
         f.get(k)
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .map(str::to_string)
     };
-    let access_token = text("access_token").ok_or("the response has no access_token")?;
+    let where_ = profile
+        .token_path
+        .as_ref()
+        .map(|p| format!(" in `{p}`"))
+        .unwrap_or_default();
+    let access_token =
+        text("access_token").ok_or_else(|| format!("the response has no access_token{where_}"))?;
     let token_type = match text("token_type") {
         Some(t) if t.eq_ignore_ascii_case("bearer") => "Bearer".to_string(),
         Some(t) => t,
         None => "Bearer".to_string(),
     };
-    let expires_at = match f.get("expires_in") {
-        None | Some(Value::Null) => None,
-        Some(v) => {
-            let secs =
-                number(v).ok_or_else(|| format!("expires_in is not a number ({})", kind(v)))?;
-            if secs < 0 {
-                return Err(format!("expires_in is negative ({secs})"));
-            }
-            Some(now + secs.saturating_mul(1000))
+    let mut expires_at = None;
+    for field in &profile.expiry {
+        if *field == ExpiryField::Never {
+            break;
         }
-    };
-    let refresh_expires_at = ["refresh_token_expires_in", "refresh_expires_in"]
-        .iter()
-        .find_map(|k| f.get(*k).and_then(number))
+        let key = field.key();
+        let Some(v) = f.get(key).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let n = number(v, key, profile.numbers_as_strings)?;
+        if n < 0 {
+            return Err(format!("{key} is negative ({n})"));
+        }
+        expires_at = Some(if field.is_absolute() {
+            absolute_ms(n, key, now)?
+        } else {
+            now + n.saturating_mul(1000)
+        });
+        break;
+    }
+    if expires_at.is_none() && !profile.expiry.contains(&ExpiryField::Never) {
+        expires_at = profile
+            .default_expires_in
+            .map(|d| now + d.0.as_millis() as i64);
+    }
+    let mut refresh_expires_at: Option<i64> = None;
+    for key in &profile.refresh_expiry_fields {
+        let Some(v) = f.get(key).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let secs = number(v, key, profile.numbers_as_strings)?;
         // Keycloak sends 0 for offline tokens, meaning "no expiry".
-        .filter(|s| *s > 0)
-        .map(|s| now + s.saturating_mul(1000));
+        if secs > 0 {
+            let at = now + secs.saturating_mul(1000);
+            refresh_expires_at = Some(refresh_expires_at.map_or(at, |old| old.min(at)));
+        }
+    }
     let scope = match f.get("scope") {
+        // GitHub answers with commas whatever was asked.
+        Some(Value::String(s)) if !s.contains(' ') && s.contains(',') => {
+            Some(s.split(',').map(str::trim).collect::<Vec<_>>().join(" "))
+        }
         Some(Value::String(s)) => Some(s.clone()),
         Some(Value::Array(a)) => Some(
             a.iter()
@@ -455,6 +909,12 @@ fn token_from_fields(f: &Map<String, Value>, now: i64) -> Result<TokenSet, Strin
         ),
         _ => None,
     };
+    let mut extra = Map::new();
+    for path in &profile.keep_fields {
+        if let Some(v) = lookup(root, path) {
+            extra.insert(path.clone(), v.clone());
+        }
+    }
     Ok(TokenSet {
         access_token: Secret::new(access_token),
         token_type,
@@ -464,6 +924,8 @@ fn token_from_fields(f: &Map<String, Value>, now: i64) -> Result<TokenSet, Strin
         expires_at,
         refresh_expires_at,
         obtained_at: now,
+        granted_at: now,
+        extra,
     })
 }
 
@@ -481,128 +943,284 @@ fn kind(v: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::{ProfileSpec, resolve};
 
-    fn url() -> Url {
-        Url::parse("https://as.example/token").unwrap()
+    fn profile(spec: &str) -> Profile {
+        let spec = if spec.contains(':') {
+            ProfileSpec::Layer(Box::new(serde_yaml::from_str(spec).unwrap()))
+        } else {
+            ProfileSpec::Named(spec.to_string())
+        };
+        resolve(&spec).unwrap().1
     }
+
+    fn answer(status: u16, content_type: &str, body: &[u8]) -> Answer {
+        Answer {
+            status,
+            content_type: content_type.into(),
+            body: body.to_vec(),
+            retry_after: None,
+        }
+    }
+
+    fn read(p: &str, status: u16, ct: &str, body: &[u8]) -> Result<TokenSet, GrantError> {
+        interpret(
+            &profile(p),
+            "https://as.example/token",
+            &answer(status, ct, body),
+            1_000_000,
+        )
+    }
+
+    const JSON: &str = "application/json";
 
     #[test]
     fn reads_a_standard_response() {
         let body = br#"{"access_token":"a","token_type":"bearer","expires_in":3600,"refresh_token":"r","scope":"x y"}"#;
-        let t = interpret(&url(), 200, "application/json", body, None, 1000).unwrap();
+        let t = read("generic", 200, JSON, body).unwrap();
         assert_eq!(t.access_token.expose(), "a");
         assert_eq!(t.token_type, "Bearer");
-        assert_eq!(t.expires_at, Some(3_601_000));
+        assert_eq!(t.expires_at, Some(1_000_000 + 3_600_000));
         assert_eq!(t.refresh_token.unwrap().expose(), "r");
+        assert_eq!(t.scope.as_deref(), Some("x y"));
     }
 
     #[test]
-    fn reads_numbers_as_strings_and_forms() {
-        let t = interpret(
-            &url(),
-            200,
-            "application/json",
-            br#"{"access_token":"a","expires_in":"60"}"#,
-            None,
-            0,
-        )
-        .unwrap();
-        assert_eq!(t.expires_at, Some(60_000));
-        let t = interpret(
-            &url(),
+    fn numbers_as_strings_only_where_the_profile_allows() {
+        let body = br#"{"access_token":"a","expires_in":"60"}"#;
+        assert_eq!(
+            read("generic", 200, JSON, body).unwrap().expires_at,
+            Some(1_060_000)
+        );
+        let e = read("numbers_as_strings: false", 200, JSON, body).unwrap_err();
+        assert!(
+            e.message.contains("expires_in is a string"),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains("previous token stays"), "{}", e.message);
+    }
+
+    #[test]
+    fn response_formats() {
+        let form = b"access_token=a&expires_in=5&scope=repo%2Cgist&token_type=bearer";
+        let t = read("generic", 200, "application/x-www-form-urlencoded", form).unwrap();
+        assert_eq!(t.expires_at, Some(1_005_000));
+        assert_eq!(
+            t.scope.as_deref(),
+            Some("repo gist"),
+            "GitHub's commas become spaces"
+        );
+        // A form sent as text/html is read only by a profile that says responses are forms.
+        assert!(read("generic", 200, "text/html", form).is_err());
+        assert!(read("response_format: form", 200, "text/html", form).is_ok());
+        // A profile that expects JSON refuses a form, and says so.
+        let e = read(
+            "response_format: json",
             200,
             "application/x-www-form-urlencoded",
-            b"access_token=a&expires_in=5",
-            None,
-            0,
+            form,
+        )
+        .unwrap_err();
+        assert!(
+            e.message.contains("not JSON, as the profile expects"),
+            "{}",
+            e.message
+        );
+        // Twitch's scope array.
+        let t = read(
+            "generic",
+            200,
+            JSON,
+            br#"{"access_token":"a","scope":["x","y"]}"#,
         )
         .unwrap();
-        assert_eq!(t.expires_at, Some(5_000));
+        assert_eq!(t.scope.as_deref(), Some("x y"));
     }
 
     #[test]
-    fn classifies_errors() {
-        let e = interpret(
-            &url(),
+    fn expiry_representations() {
+        // Strava: absolute expires_at wins over expires_in.
+        let strava = "expiry: [expires_at, expires_in]";
+        let t = read(
+            strava,
+            200,
+            JSON,
+            br#"{"access_token":"a","expires_at":2000,"expires_in":5}"#,
+        )
+        .unwrap();
+        assert_eq!(t.expires_at, Some(2_000_000));
+        let e = read(
+            strava,
+            200,
+            JSON,
+            br#"{"access_token":"a","expires_at":10}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("in the past"), "{}", e.message);
+        // Facebook's legacy `expires`; Azure v1's `expires_on` as a string.
+        let t = read(
+            "expiry: [expires_in, expires]",
+            200,
+            JSON,
+            br#"{"access_token":"a","expires":"100"}"#,
+        )
+        .unwrap();
+        assert_eq!(t.expires_at, Some(1_100_000));
+        let t = read(
+            "expiry: [expires_on]",
+            200,
+            JSON,
+            br#"{"access_token":"a","expires_on":"1500"}"#,
+        )
+        .unwrap();
+        assert_eq!(t.expires_at, Some(1_500_000));
+        // Missing: the profile's default, else no expiry; `never` ignores what is sent.
+        let t = read(
+            "default_expires_in: 2h",
+            200,
+            JSON,
+            br#"{"access_token":"a"}"#,
+        )
+        .unwrap();
+        assert_eq!(t.expires_at, Some(1_000_000 + 7_200_000));
+        assert_eq!(
+            read("generic", 200, JSON, br#"{"access_token":"a"}"#)
+                .unwrap()
+                .expires_at,
+            None
+        );
+        let t = read(
+            "expiry: [never]",
+            200,
+            JSON,
+            br#"{"access_token":"a","expires_in":5}"#,
+        )
+        .unwrap();
+        assert_eq!(t.expires_at, None);
+        let e = read(
+            "generic",
+            200,
+            JSON,
+            br#"{"access_token":"a","expires_in":-5}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("negative"));
+    }
+
+    #[test]
+    fn refresh_token_expiry_takes_the_smallest_known() {
+        let intuit =
+            "refresh_expiry_fields: [x_refresh_token_expires_in, x_refresh_token_hard_expires_in]";
+        let body = br#"{"access_token":"a","x_refresh_token_expires_in":8640000,"x_refresh_token_hard_expires_in":1000}"#;
+        assert_eq!(
+            read(intuit, 200, JSON, body).unwrap().refresh_expires_at,
+            Some(2_000_000)
+        );
+        let keycloak = br#"{"access_token":"a","refresh_expires_in":0}"#;
+        assert_eq!(
+            read("generic", 200, JSON, keycloak)
+                .unwrap()
+                .refresh_expires_at,
+            None
+        );
+    }
+
+    #[test]
+    fn nested_tokens_and_kept_fields() {
+        let slack =
+            "token_path: authed_user\nkeep_fields: [team.id, bot_user_id]\nsuccess_field: ok";
+        let body = br#"{"ok":true,"access_token":"xoxb-bot","team":{"id":"T1"},"bot_user_id":"U0",
+            "authed_user":{"id":"U1","access_token":"xoxp-user","refresh_token":"xoxe-r","expires_in":43200}}"#;
+        let t = read(slack, 200, JSON, body).unwrap();
+        assert_eq!(t.access_token.expose(), "xoxp-user");
+        assert_eq!(t.refresh_token.unwrap().expose(), "xoxe-r");
+        assert_eq!(t.extra.get("team.id"), Some(&Value::String("T1".into())));
+        assert_eq!(
+            t.extra.get("bot_user_id"),
+            Some(&Value::String("U0".into()))
+        );
+        let e = read(slack, 200, JSON, br#"{"ok":true,"access_token":"xoxb"}"#).unwrap_err();
+        assert!(e.message.contains("no `authed_user`"), "{}", e.message);
+    }
+
+    #[test]
+    fn errors_in_every_shape() {
+        let e = read(
+            "generic",
             400,
-            "application/json",
+            JSON,
             br#"{"error":"invalid_grant","error_description":"revoked"}"#,
-            None,
-            0,
         )
         .unwrap_err();
         assert_eq!(e.class, ErrorClass::NeedsUser);
         assert!(e.message.contains("invalid_grant: revoked"));
-        let e = interpret(
-            &url(),
-            200,
-            "application/json",
-            br#"{"error":"invalid_grant"}"#,
-            None,
-            0,
-        )
-        .unwrap_err();
-        assert_eq!(
-            e.class,
-            ErrorClass::NeedsUser,
-            "an error in a 200 is still an error"
+        // GitHub: HTTP 200, form-encoded, its own code.
+        let github = "error_codes: {bad_refresh_token: invalid_grant}";
+        let e = read(github, 200, "application/x-www-form-urlencoded", b"error=bad_refresh_token&error_description=The+refresh+token+passed+is+incorrect+or+expired.").unwrap_err();
+        assert_eq!(e.class, ErrorClass::NeedsUser);
+        assert_eq!(e.code.as_deref(), Some("invalid_grant"));
+        assert!(
+            e.message
+                .contains("bad_refresh_token (= invalid_grant): The refresh token"),
+            "{}",
+            e.message
         );
-        let e = interpret(
-            &url(),
-            503,
-            "text/html",
-            b"<html>down</html>",
-            Some(Duration::from_secs(7)),
-            0,
+        // Slack: ok:false with HTTP 200.
+        let slack = "success_field: ok\nerror_codes: {invalid_refresh_token: invalid_grant}";
+        let e = read(
+            slack,
+            200,
+            JSON,
+            br#"{"ok":false,"error":"invalid_refresh_token"}"#,
         )
         .unwrap_err();
+        assert_eq!(e.class, ErrorClass::NeedsUser);
+        let e = read(slack, 200, JSON, br#"{"ok":false}"#).unwrap_err();
+        assert!(
+            e.message.contains("failure and no error code"),
+            "{}",
+            e.message
+        );
+        // Fitbit's array, Twitch's message.
+        let fitbit = "error_fields: [error, errors.0.errorType]\nerror_description_fields: [errors.0.message]";
+        let e = read(fitbit, 400, JSON, br#"{"errors":[{"errorType":"invalid_grant","message":"Refresh token invalid"}],"success":false}"#).unwrap_err();
+        assert_eq!(e.class, ErrorClass::NeedsUser);
+        assert!(e.message.contains("Refresh token invalid"));
+        let twitch =
+            "error_fields: [error, message]\nerror_codes: {Invalid refresh token: invalid_grant}";
+        let e = read(
+            twitch,
+            400,
+            JSON,
+            br#"{"status":400,"message":"Invalid refresh token"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.class, ErrorClass::NeedsUser);
+        // Unknown shapes are transient and never quoted.
+        let e = read("generic", 503, "text/html", b"<html>secret-value</html>").unwrap_err();
         assert_eq!(e.class, ErrorClass::Transient);
-        assert_eq!(e.retry_after, Some(Duration::from_secs(7)));
-        assert!(e.message.contains("text/html, 17 bytes"));
-        let e = interpret(
-            &url(),
-            401,
-            "application/json",
-            br#"{"error":"invalid_client"}"#,
-            None,
-            0,
-        )
-        .unwrap_err();
+        assert!(e.message.contains("text/html, 25 bytes") && !e.message.contains("secret"));
+        let e = read("generic", 401, JSON, br#"{"error":"invalid_client"}"#).unwrap_err();
         assert_eq!(e.class, ErrorClass::Config);
     }
 
     #[test]
     fn refuses_incomplete_answers_without_quoting_them() {
-        let e = interpret(
-            &url(),
-            200,
-            "application/json",
-            br#"{"token":"secret-value"}"#,
-            None,
-            0,
-        )
-        .unwrap_err();
+        let e = read("generic", 200, JSON, br#"{"token":"secret-value"}"#).unwrap_err();
         assert!(e.message.contains("no access_token") && !e.message.contains("secret-value"));
-        let e = interpret(
-            &url(),
+        let e = read(
+            "generic",
             200,
-            "application/json",
+            JSON,
             br#"{"access_token":"a","expires_in":"soon"}"#,
-            None,
-            0,
         )
         .unwrap_err();
-        assert!(e.message.contains("expires_in is not a number"));
-        let e = interpret(
-            &url(),
-            200,
-            "text/html",
-            b"<html>secret-value</html>",
-            None,
-            0,
-        )
-        .unwrap_err();
+        assert!(e.message.contains("not a number"));
+        let e = read("generic", 200, "text/html", b"<html>secret-value</html>").unwrap_err();
         assert!(!e.message.contains("secret-value"));
+        let e = read("generic", 200, JSON, b"").unwrap_err();
+        assert!(e.message.contains("empty body"), "{}", e.message);
     }
 
     #[test]

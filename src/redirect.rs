@@ -10,6 +10,7 @@ use crate::secret::Secret;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -36,6 +37,8 @@ pub enum Callback {
     Code {
         code: String,
         iss: Option<String>,
+        /// Every query parameter, for the profile's `callback_fields` (Intuit's `realmId`).
+        params: BTreeMap<String, String>,
     },
     Error {
         error: String,
@@ -287,6 +290,7 @@ async fn handle(
                 (None, Some(code)) => Callback::Code {
                     code: code.clone(),
                     iss: params.get("iss").cloned(),
+                    params: params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 },
                 (None, None) => Callback::Error {
                     error: "invalid_response".into(),

@@ -8,6 +8,7 @@
 use crate::config::{ClientConfig, Config, Grant, SinkConfig};
 use crate::notify::{self, Kind, Notice};
 use crate::oauth::{self, Engine, ErrorClass, GrantError, Pkce};
+use crate::provider::RefreshMechanism;
 use crate::redirect::{self, Callback, Hub, PendingAuth};
 use crate::scheduler::{self, Scheduler};
 use crate::sink;
@@ -127,6 +128,8 @@ struct ClientState {
     /// The user was told that only they can help; not again until the client recovers.
     reauth_notified: bool,
     error_notified: bool,
+    /// The grant end (a refresh token's known expiry) the user was warned about.
+    warned_for: Option<i64>,
 }
 
 impl ClientState {
@@ -156,6 +159,7 @@ impl ClientState {
             failures: self.failures,
             removed_at: self.removed_at,
             updated_at: now_ms(),
+            warned_for: self.warned_for,
         }
     }
 }
@@ -258,7 +262,16 @@ impl Registry {
                 let registry = driver.clone();
                 driver.tasks.spawn(async move {
                     if let Some(client) = registry.client(&name) {
-                        let _ = registry.refresh(&client, Trigger::Scheduled).await;
+                        registry.warn_if_grant_ends_soon(&client).await;
+                        let due = client
+                            .state()
+                            .next_refresh_at
+                            .is_some_and(|at| at <= now_ms());
+                        if due {
+                            let _ = registry.refresh(&client, Trigger::Scheduled).await;
+                        } else {
+                            registry.schedule_from_state(&client);
+                        }
                     }
                 });
             }
@@ -555,13 +568,21 @@ impl Registry {
     }
 
     /// Sets the client's timer from its state: the next refresh, a retry, or nothing.
+    ///
+    /// The timer also wakes the client for a warning due before its grant ends, which is not a
+    /// refresh: `next_refresh_at` keeps the refresh time alone.
     fn schedule_from_state(&self, client: &Client) {
         let cfg = client.config();
         let mut st = client.state();
+        let mut warn_at = None;
         let at = match st.status {
             Status::Valid | Status::Refreshing => match &st.token {
                 Some(t) => {
-                    scheduler::next_refresh(t, &cfg.refresh, can_renew(&cfg, t), scheduler::draw())
+                    let renew = can_renew(&cfg, t);
+                    warn_at = scheduler::grant_end(t, &cfg.profile, renew)
+                        .filter(|end| st.warned_for != Some(*end))
+                        .map(|end| end - cfg.refresh.warn_before.as_millis() as i64);
+                    scheduler::next_refresh(t, &cfg.refresh, &cfg.profile, renew, scheduler::draw())
                 }
                 None => None,
             },
@@ -571,10 +592,53 @@ impl Registry {
             _ => None,
         };
         st.next_refresh_at = at;
+        let at = [at, warn_at].into_iter().flatten().min();
         match at {
             Some(at) => self.scheduler.set(client.name.clone(), at),
             None => self.scheduler.remove(client.name.clone()),
         }
+    }
+
+    /// Warns once (log, event, `notify.on_warning`) when the client's grant ends within
+    /// `refresh.warn_before`: a refresh token with a known lifetime (LinkedIn 365 days, Google
+    /// testing apps 7 days), or a token nothing can renew.
+    async fn warn_if_grant_ends_soon(&self, client: &Arc<Client>) {
+        let cfg = client.config();
+        let now = now_ms();
+        let (message, writes) = {
+            let mut st = client.state();
+            if !matches!(
+                st.status,
+                Status::Valid | Status::Refreshing | Status::Retrying
+            ) {
+                return;
+            }
+            let Some(t) = &st.token else { return };
+            let Some(end) = scheduler::grant_end(t, &cfg.profile, can_renew(&cfg, t)) else {
+                return;
+            };
+            if st.warned_for == Some(end) || end - cfg.refresh.warn_before.as_millis() as i64 > now
+            {
+                return;
+            }
+            st.warned_for = Some(end);
+            let left =
+                humantime::format_duration(Duration::from_secs((end - now).max(0) as u64 / 1000));
+            let message = format!(
+                "the grant ends in {left} and only a new authorization extends it: run `oauth2mci authorize {}`",
+                client.name
+            );
+            let writes = vec![
+                Write::Client(st.row(&client.name)),
+                event(&client.name, "warning", &message),
+            ];
+            (message, writes)
+        };
+        tracing::warn!(client = %client.name, "{message}");
+        if let Err(e) = self.store.commit(writes).await {
+            tracing::error!(client = %client.name, "cannot record the warning: {e}");
+        }
+        self.notify(Notice::new(Kind::Warning, &client.name, &message));
     }
 
     pub fn config_versions(&self) -> watch::Receiver<u64> {
@@ -707,16 +771,7 @@ impl Registry {
         let permit = self.endpoint_permit(&cfg).await;
         let result = match (cfg.grant, old) {
             (Grant::ClientCredentials, _) => self.engine.client_credentials(&cfg).await,
-            (Grant::AuthorizationCode, Some(old)) => match &old.refresh_token {
-                Some(rt) => self
-                    .engine
-                    .refresh(&cfg, rt)
-                    .await
-                    .map(|t| t.carry_over(&old)),
-                None => Err(GrantError::needs_user(
-                    "the server gave no refresh token, so only a new authorization can renew it",
-                )),
-            },
+            (Grant::AuthorizationCode, Some(old)) => self.engine.refresh(&cfg, &old, now).await,
             (Grant::AuthorizationCode, None) => Err(GrantError::needs_user("no token yet")),
         };
         drop(permit);
@@ -1133,7 +1188,7 @@ impl Registry {
                     description.unwrap_or_else(|| "the authorization server refused".into());
                 return Err((error, message));
             }
-            Callback::Code { code, iss } => {
+            Callback::Code { code, iss, params } => {
                 let cfg = client.config();
                 if let Some(iss) = iss {
                     let expected = expected_issuer(&cfg);
@@ -1147,9 +1202,10 @@ impl Registry {
                         ));
                     }
                 }
-                code
+                (code, params)
             }
         };
+        let (code, callback_params) = code;
         let _flight = client.flight.lock().await;
         let cfg = client.config();
         if cfg.fingerprint() != pending.fingerprint {
@@ -1166,6 +1222,7 @@ impl Registry {
                 &code,
                 &pending.redirect_uri,
                 pending.verifier.as_ref(),
+                &callback_params,
             )
             .await;
         drop(permit);
@@ -1333,8 +1390,10 @@ fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
         removed_at: None,
         reauth_notified: false,
         error_notified: false,
+        warned_for: None,
     };
     if let Some(s) = stored {
+        st.warned_for = s.row.warned_for;
         st.fingerprint = s.row.fingerprint;
         st.reason = s.row.reason;
         st.failures = s.row.failures;
@@ -1393,8 +1452,14 @@ fn servable(st: &ClientState, cfg: &ClientConfig) -> bool {
         && (st.status != Status::NeedsReauth || cfg.grant == Grant::ClientCredentials)
 }
 
+/// Whether the daemon can get the next token without the user.
 fn can_renew(cfg: &ClientConfig, token: &TokenSet) -> bool {
-    cfg.grant == Grant::ClientCredentials || token.refresh_token.is_some()
+    cfg.grant == Grant::ClientCredentials
+        || match cfg.profile.refresh_mechanism {
+            RefreshMechanism::RefreshToken => token.refresh_token.is_some(),
+            RefreshMechanism::FbExchangeToken => token.valid_for(now_ms(), Duration::ZERO),
+            RefreshMechanism::None => false,
+        }
 }
 
 /// The status shown: a token that expired without a way to renew it needs the user.
@@ -1433,6 +1498,8 @@ fn info(c: &Client) -> ClientInfo {
             .and_then(|t| t.remaining(now))
             .map(|ms| ms.div_euclid(1000)),
         has_refresh_token: token.is_some_and(|t| t.refresh_token.is_some()),
+        grant_ends_at: token
+            .and_then(|t| scheduler::grant_end(t, &cfg.profile, can_renew(&cfg, t))),
         last_refresh_at: st.last_refresh_at,
         next_refresh_at: st.next_refresh_at,
         last_error: st.last_error.clone(),

@@ -8,6 +8,7 @@
 //! machine that was suspended past a deadline fires it soon after waking up.
 
 use crate::config::{BeforeExpiry, RefreshPolicy};
+use crate::provider::{Profile, RefreshMechanism};
 use crate::token::TokenSet;
 use rand::Rng;
 use std::collections::{BTreeSet, HashMap};
@@ -29,18 +30,30 @@ pub const MAX_SLEEP: Duration = Duration::from_secs(30);
 /// The margin before expiry is the policy's (`before_expiry`, at least `min_before_expiry`), but
 /// never more than half the lifetime: a token that lives 10 s is refreshed after about 5 s, not
 /// immediately and again and again. Jitter only moves a refresh earlier, never past expiry.
+/// A token refreshed only by inactivity rules (`at_least`, the profile's refresh-token idle
+/// lifetime) is renewed before those run out. A token that cannot be renewed is looked at again
+/// when it expires, so that the user hears of it then.
 pub fn next_refresh(
     token: &TokenSet,
     policy: &RefreshPolicy,
+    profile: &Profile,
     can_renew: bool,
     jitter_draw: f64,
 ) -> Option<i64> {
     if !can_renew {
-        return None;
+        return token.expires_at;
     }
     let obtained = token.obtained_at;
     let earliest = obtained + MIN_REFRESH_SPACING.as_millis() as i64;
-    let by_inactivity = policy.at_least.map(|d| obtained + d.as_millis() as i64);
+    let idle = profile
+        .refresh_token_idle_lifetime
+        .filter(|_| profile.refresh_mechanism == RefreshMechanism::RefreshToken)
+        .map(|d| d.0.mul_f64(0.9));
+    let by_inactivity = [policy.at_least, idle]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|d| obtained + d.as_millis() as i64);
     let Some(lifetime) = token.lifetime() else {
         return by_inactivity;
     };
@@ -53,9 +66,32 @@ pub fn next_refresh(
         .max(policy.min_before_expiry.as_millis() as i64)
         .min(lifetime / 2);
     let jitter = (lifetime as f64 * policy.jitter * jitter_draw.clamp(0.0, 1.0)) as i64;
-    let at = obtained + lifetime - margin - jitter.min(lifetime / 4);
+    let mut at = obtained + lifetime - margin - jitter.min(lifetime / 4);
+    if let Some(within) = profile.reissue_within {
+        // Earlier than this the server hands back the same token (Strava).
+        at = at.max(obtained + lifetime - within.0.as_millis() as i64);
+    }
     let at = at.max(earliest);
     Some(by_inactivity.map_or(at, |i| i.min(at)))
+}
+
+/// When the grant behind `token` ends for sure, so that only the user can continue: the refresh
+/// token's known expiry (the server's word, or the profile's absolute lifetime counted from the
+/// authorization), or, for a token that cannot be renewed, its own expiry.
+pub fn grant_end(token: &TokenSet, profile: &Profile, can_renew: bool) -> Option<i64> {
+    if !can_renew {
+        return token.expires_at;
+    }
+    if profile.refresh_mechanism != RefreshMechanism::RefreshToken {
+        return None;
+    }
+    let by_profile = profile
+        .refresh_token_max_lifetime
+        .map(|d| token.granted_at + d.0.as_millis() as i64);
+    [token.refresh_expires_at, by_profile]
+        .into_iter()
+        .flatten()
+        .min()
 }
 
 /// How long to wait before retry number `failures` (1 for the first): exponential from
@@ -212,7 +248,18 @@ mod tests {
             jitter: 0.05,
             retry_initial: Duration::from_secs(5),
             retry_max: Duration::from_secs(900),
+            warn_before: Duration::from_secs(3 * 86400),
         }
+    }
+
+    fn profile(layer: &str) -> Profile {
+        let spec =
+            crate::provider::ProfileSpec::Layer(Box::new(serde_yaml::from_str(layer).unwrap()));
+        crate::provider::resolve(&spec).unwrap().1
+    }
+
+    fn generic() -> Profile {
+        profile("description: test")
     }
 
     fn token(obtained_at: i64, lifetime_s: Option<i64>) -> TokenSet {
@@ -225,14 +272,19 @@ mod tests {
             expires_at: lifetime_s.map(|s| obtained_at + s * 1000),
             refresh_expires_at: None,
             obtained_at,
+            granted_at: 0,
+            extra: Default::default(),
         }
     }
 
     #[test]
     fn an_hour_token_is_refreshed_six_minutes_early_minus_jitter() {
         let t = token(0, Some(3600));
-        assert_eq!(next_refresh(&t, &policy(), true, 0.0), Some(3_240_000));
-        let jittered = next_refresh(&t, &policy(), true, 1.0).unwrap();
+        assert_eq!(
+            next_refresh(&t, &policy(), &generic(), true, 0.0),
+            Some(3_240_000)
+        );
+        let jittered = next_refresh(&t, &policy(), &generic(), true, 1.0).unwrap();
         assert_eq!(jittered, 3_240_000 - 180_000);
     }
 
@@ -240,30 +292,85 @@ mod tests {
     fn short_tokens_refresh_at_half_life_not_in_a_storm() {
         // min_before_expiry (60 s) exceeds the lifetime: the margin is capped at half of it.
         let t = token(0, Some(10));
-        let at = next_refresh(&t, &policy(), true, 0.0).unwrap();
+        let at = next_refresh(&t, &policy(), &generic(), true, 0.0).unwrap();
         assert_eq!(at, 5_000);
         // Even a token that is already expired is not refreshed sooner than the spacing.
         let t = token(0, Some(0));
-        assert_eq!(next_refresh(&t, &policy(), true, 0.0), Some(1_000));
+        assert_eq!(
+            next_refresh(&t, &policy(), &generic(), true, 0.0),
+            Some(1_000)
+        );
     }
 
     #[test]
     fn tokens_without_expiry_follow_at_least() {
         let t = token(0, None);
-        assert_eq!(next_refresh(&t, &policy(), true, 0.5), Some(86_400_000));
+        assert_eq!(
+            next_refresh(&t, &policy(), &generic(), true, 0.5),
+            Some(86_400_000)
+        );
         let mut p = policy();
         p.at_least = None;
-        assert_eq!(next_refresh(&t, &p, true, 0.5), None);
+        assert_eq!(next_refresh(&t, &p, &generic(), true, 0.5), None);
+        // One that cannot be renewed is looked at when it expires, to tell the user.
         assert_eq!(
-            next_refresh(&token(0, Some(60)), &policy(), false, 0.0),
-            None
+            next_refresh(&token(0, Some(60)), &policy(), &generic(), false, 0.0),
+            Some(60_000)
         );
     }
 
     #[test]
     fn long_tokens_are_refreshed_at_least_daily() {
         let t = token(0, Some(90 * 86400));
-        assert_eq!(next_refresh(&t, &policy(), true, 0.0), Some(86_400_000));
+        assert_eq!(
+            next_refresh(&t, &policy(), &generic(), true, 0.0),
+            Some(86_400_000)
+        );
+    }
+
+    #[test]
+    fn a_server_that_reissues_late_is_not_asked_early() {
+        // Strava: 6 h tokens, a new one only within the last hour.
+        let strava = profile("reissue_within: 1h");
+        let mut p = policy();
+        p.before_expiry = BeforeExpiry::Share(Percent(50.0));
+        let t = token(0, Some(6 * 3600));
+        assert_eq!(
+            next_refresh(&t, &p, &generic(), true, 0.0),
+            Some(3 * 3_600_000)
+        );
+        assert_eq!(
+            next_refresh(&t, &p, &strava, true, 0.0),
+            Some(5 * 3_600_000)
+        );
+    }
+
+    #[test]
+    fn idle_lifetimes_are_beaten_by_a_refresh() {
+        let mut p = policy();
+        p.at_least = None;
+        let idle = profile("refresh_token_idle_lifetime: 10d");
+        let t = token(0, None);
+        assert_eq!(next_refresh(&t, &p, &generic(), true, 0.0), None);
+        assert_eq!(next_refresh(&t, &p, &idle, true, 0.0), Some(9 * 86_400_000));
+    }
+
+    #[test]
+    fn a_grant_ends_at_the_earliest_known_limit() {
+        let g = generic();
+        let mut t = token(5_000, Some(3600));
+        assert_eq!(grant_end(&t, &g, true), None);
+        t.refresh_expires_at = Some(100 * 86_400_000);
+        assert_eq!(grant_end(&t, &g, true), Some(100 * 86_400_000));
+        let linkedin = profile("refresh_token_max_lifetime: 365d");
+        t.refresh_expires_at = None;
+        t.granted_at = 1_000;
+        assert_eq!(
+            grant_end(&t, &linkedin, true),
+            Some(1_000 + 365 * 86_400_000)
+        );
+        // Without a way to renew, the access token's own end is the grant's.
+        assert_eq!(grant_end(&t, &linkedin, false), t.expires_at);
     }
 
     #[test]

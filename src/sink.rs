@@ -26,12 +26,20 @@ pub fn render(format: SinkFormat, client: &str, token: &TokenSet) -> String {
         SinkFormat::Raw => format!("{at}\n"),
         SinkFormat::Header => format!("Authorization: {} {at}\n", token.token_type),
         SinkFormat::Json => {
-            let v = serde_json::json!({
+            let mut v = serde_json::json!({
                 "access_token": at,
                 "token_type": token.token_type,
                 "expires_at": token.expires_at.map(|ms| ms / 1000),
                 "scope": token.scope,
             });
+            if !token.extra.is_empty()
+                && let Some(map) = v.as_object_mut()
+            {
+                map.insert(
+                    "extra".into(),
+                    serde_json::Value::Object(token.extra.clone()),
+                );
+            }
             format!("{v}\n")
         }
         SinkFormat::Env => {
@@ -145,6 +153,8 @@ mod tests {
             expires_at: Some(1_700_000_000_000),
             refresh_expires_at: None,
             obtained_at: 0,
+            granted_at: 0,
+            extra: Default::default(),
         }
     }
 

@@ -57,6 +57,11 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX events_client_at ON events(client, at);
     CREATE INDEX events_at ON events(at);",
+    // 2: provider profiles keep extra response fields; a grant's age bounds its refresh token;
+    // a warning about a grant's end is given once.
+    "ALTER TABLE tokens ADD COLUMN granted_at INTEGER;
+    ALTER TABLE tokens ADD COLUMN extra TEXT;
+    ALTER TABLE clients ADD COLUMN warned_for INTEGER;",
 ];
 
 /// Units waiting beyond this are left for the next transaction, so one commit stays short.
@@ -86,6 +91,8 @@ pub struct ClientRow {
     pub failures: u32,
     pub removed_at: Option<i64>,
     pub updated_at: i64,
+    /// The end of grant the user was last warned about.
+    pub warned_for: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -340,11 +347,12 @@ fn apply_unit(conn: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
         match w {
             Write::Client(c) => {
                 conn.prepare_cached(
-                    "INSERT INTO clients (name, status, fingerprint, reason, last_refresh_at, last_error, failures, removed_at, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                    "INSERT INTO clients (name, status, fingerprint, reason, last_refresh_at, last_error, failures, removed_at, updated_at, warned_for)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                      ON CONFLICT(name) DO UPDATE SET status=excluded.status, fingerprint=excluded.fingerprint,
                        reason=excluded.reason, last_refresh_at=excluded.last_refresh_at, last_error=excluded.last_error,
-                       failures=excluded.failures, removed_at=excluded.removed_at, updated_at=excluded.updated_at",
+                       failures=excluded.failures, removed_at=excluded.removed_at, updated_at=excluded.updated_at,
+                       warned_for=excluded.warned_for",
                 )?
                 .execute(params![
                     c.name,
@@ -355,7 +363,8 @@ fn apply_unit(conn: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
                     c.last_error,
                     c.failures,
                     c.removed_at,
-                    c.updated_at
+                    c.updated_at,
+                    c.warned_for
                 ])?;
             }
             Write::Token {
@@ -363,12 +372,13 @@ fn apply_unit(conn: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
                 token: Some((t, generation)),
             } => {
                 conn.prepare_cached(
-                    "INSERT INTO tokens (client, access_token, token_type, refresh_token, id_token, scope, expires_at, refresh_expires_at, obtained_at, generation)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                    "INSERT INTO tokens (client, access_token, token_type, refresh_token, id_token, scope, expires_at, refresh_expires_at, obtained_at, generation, granted_at, extra)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                      ON CONFLICT(client) DO UPDATE SET access_token=excluded.access_token, token_type=excluded.token_type,
                        refresh_token=excluded.refresh_token, id_token=excluded.id_token, scope=excluded.scope,
                        expires_at=excluded.expires_at, refresh_expires_at=excluded.refresh_expires_at,
-                       obtained_at=excluded.obtained_at, generation=excluded.generation",
+                       obtained_at=excluded.obtained_at, generation=excluded.generation,
+                       granted_at=excluded.granted_at, extra=excluded.extra",
                 )?
                 .execute(params![
                     client,
@@ -380,7 +390,9 @@ fn apply_unit(conn: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
                     t.expires_at,
                     t.refresh_expires_at,
                     t.obtained_at,
-                    generation
+                    generation,
+                    t.granted_at,
+                    (!t.extra.is_empty()).then(|| serde_json::Value::Object(t.extra.clone()).to_string())
                 ])?;
             }
             Write::Token {
@@ -435,7 +447,7 @@ fn load_all(conn: &Connection) -> rusqlite::Result<Vec<Stored>> {
     let mut stmt = conn.prepare(
         "SELECT c.name, c.status, c.fingerprint, c.reason, c.last_refresh_at, c.last_error, c.failures, c.removed_at, c.updated_at,
                 t.access_token, t.token_type, t.refresh_token, t.id_token, t.scope, t.expires_at, t.refresh_expires_at,
-                t.obtained_at, t.generation
+                t.obtained_at, t.generation, t.granted_at, t.extra, c.warned_for
          FROM clients c LEFT JOIN tokens t ON t.client = c.name",
     )?;
     let rows = stmt.query_map([], |r| {
@@ -449,6 +461,7 @@ fn load_all(conn: &Connection) -> rusqlite::Result<Vec<Stored>> {
             failures: r.get(6)?,
             removed_at: r.get(7)?,
             updated_at: r.get(8)?,
+            warned_for: r.get(20)?,
         };
         let token = match r.get::<_, Option<String>>(9)? {
             None => None,
@@ -462,6 +475,14 @@ fn load_all(conn: &Connection) -> rusqlite::Result<Vec<Stored>> {
                     expires_at: r.get(14)?,
                     refresh_expires_at: r.get(15)?,
                     obtained_at: r.get(16)?,
+                    granted_at: r.get::<_, Option<i64>>(18)?.unwrap_or(r.get(16)?),
+                    extra: match r.get::<_, Option<String>>(19)? {
+                        Some(json) => match serde_json::from_str(&json) {
+                            Ok(serde_json::Value::Object(map)) => map,
+                            _ => serde_json::Map::new(),
+                        },
+                        None => serde_json::Map::new(),
+                    },
                 },
                 r.get(17)?,
             )),
@@ -496,6 +517,7 @@ mod tests {
             failures: 0,
             removed_at: None,
             updated_at: 1,
+            warned_for: None,
         }
     }
 
@@ -509,6 +531,8 @@ mod tests {
             expires_at: Some(5),
             refresh_expires_at: None,
             obtained_at: 1,
+            granted_at: 1,
+            extra: serde_json::Map::from_iter([("instance_url".to_string(), "https://x".into())]),
         }
     }
 

@@ -2,6 +2,7 @@
 //! Times are Unix milliseconds of the wall clock, the unit the store and the API use too.
 
 use crate::secret::Secret;
+use serde_json::{Map, Value};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -18,6 +19,11 @@ pub struct TokenSet {
     /// When the refresh token expires, when the server said.
     pub refresh_expires_at: Option<i64>,
     pub obtained_at: i64,
+    /// When the user authorized the grant this token descends from: a refresh token's
+    /// absolute lifetime (LinkedIn 365 days) counts from here.
+    pub granted_at: i64,
+    /// Fields the profile keeps besides the token (`instance_url`, `realmId`...).
+    pub extra: Map<String, Value>,
 }
 
 impl TokenSet {
@@ -37,10 +43,15 @@ impl TokenSet {
         self.expires_at.map(|at| at - self.obtained_at)
     }
 
-    /// A refresh response may omit the refresh token (Google, Dropbox...), which then stays the
-    /// one we have: keep it rather than lose the grant.
-    pub fn carry_over(mut self, previous: &TokenSet) -> TokenSet {
-        if self.refresh_token.is_none() {
+    /// What a renewal answer inherits from the token it renews. A refresh response may omit the
+    /// refresh token (Google, Dropbox...), which then stays the one we have: keep it rather than
+    /// lose the grant, unless the profile says an omitted one is gone (`keep_refresh_token`).
+    pub fn carry_over(mut self, previous: &TokenSet, keep_refresh_token: bool) -> TokenSet {
+        self.granted_at = previous.granted_at;
+        let mut extra = previous.extra.clone();
+        extra.append(&mut self.extra);
+        self.extra = extra;
+        if self.refresh_token.is_none() && keep_refresh_token {
             self.refresh_token = previous.refresh_token.clone();
             if self.refresh_expires_at.is_none() {
                 self.refresh_expires_at = previous.refresh_expires_at;
@@ -77,6 +88,8 @@ mod tests {
             expires_at,
             refresh_expires_at: None,
             obtained_at: 0,
+            granted_at: 0,
+            extra: Map::new(),
         }
     }
 
@@ -92,11 +105,17 @@ mod tests {
     fn refresh_token_is_kept_when_omitted_and_replaced_when_rotated() {
         let old = token(Some("rt1"), Some(1));
         assert_eq!(
-            token(None, None).carry_over(&old).refresh_token,
+            token(None, None).carry_over(&old, true).refresh_token,
             Some(Secret::new("rt1"))
         );
         assert_eq!(
-            token(Some("rt2"), None).carry_over(&old).refresh_token,
+            token(None, None).carry_over(&old, false).refresh_token,
+            None
+        );
+        assert_eq!(
+            token(Some("rt2"), None)
+                .carry_over(&old, true)
+                .refresh_token,
             Some(Secret::new("rt2"))
         );
     }

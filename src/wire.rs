@@ -29,6 +29,9 @@ pub struct ClientInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_in: Option<i64>,
     pub has_refresh_token: bool,
+    /// When only a new authorization can continue, when known (a refresh token's lifetime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_ends_at: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_refresh_at: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -51,6 +54,9 @@ pub struct TokenReply {
     pub expires_in: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
+    /// What the provider's profile keeps besides the token (`instance_url`, `realmId`...).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 /// `POST /v1/clients/{name}/authorize`: where to send the user.

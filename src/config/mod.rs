@@ -142,6 +142,8 @@ pub struct RefreshPolicy {
     pub jitter: f64,
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// How long before a grant's known end (a refresh token's lifetime) the user is warned.
+    pub warn_before: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -170,7 +172,12 @@ pub struct SinkConfig {
 pub struct Endpoints {
     pub authorize: Option<Url>,
     pub token: Url,
-    pub revoke: Option<Url>,
+    /// Where refreshes go: the profile's `refresh_url`, else the token endpoint.
+    pub refresh: Url,
+    /// The revocation URL; with `revocation: url` it still holds `{refresh_token}` or
+    /// `{access_token}`, filled when revoking.
+    pub revoke: Option<String>,
+    pub device_authorization: Option<Url>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -205,6 +212,24 @@ impl ClientConfig {
             None => ClientAuth::None,
             Some(_) => self.profile.client_auth,
         }
+    }
+
+    /// The scopes as the provider wants them written.
+    pub fn scope_string(&self) -> String {
+        self.scopes.join(&self.profile.scope_separator)
+    }
+
+    /// A `token_params`/`refresh_params` value with {client_id}, {redirect_uri} and {scope}
+    /// filled in.
+    pub fn param_value(&self, template: &str) -> Result<String, String> {
+        let mut vars = BTreeMap::from([
+            ("client_id".to_string(), self.client_id.clone()),
+            ("scope".to_string(), self.scope_string()),
+        ]);
+        if let Some(r) = &self.redirect_uri {
+            vars.insert("redirect_uri".into(), r.to_string());
+        }
+        provider::fill_template(template, &vars, &[])
     }
 
     /// Identifies the grant that tokens were issued under. Tokens obtained under another
@@ -271,6 +296,7 @@ struct RawRefresh {
     at_least: Option<AtLeast>,
     jitter: Option<Percent>,
     retry: Option<RawRetry>,
+    warn_before: Option<Dur>,
 }
 
 /// `at_least: 24h`, or `at_least: never`.
@@ -413,6 +439,7 @@ struct RawClient {
     domain: Option<NonEmpty>,
     region: Option<NonEmpty>,
     version: Option<NonEmpty>,
+    realm: Option<NonEmpty>,
 }
 
 #[derive(Deserialize)]
@@ -579,6 +606,8 @@ mod defaults {
     pub const JITTER_PERCENT: f64 = 5.0;
     pub const RETRY_INITIAL: Duration = Duration::from_secs(5);
     pub const RETRY_MAX: Duration = Duration::from_secs(15 * 60);
+    /// A weekend plus a day: time to re-authorize before a grant ends.
+    pub const WARN_BEFORE: Duration = Duration::from_secs(3 * 24 * 3600);
     pub const AUTHORIZE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
     pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(30);
     pub const HISTORY_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -847,6 +876,10 @@ impl Resolver<'_> {
                 .max
                 .or(retry_global.max)
                 .map_or(defaults::RETRY_MAX, |d| d.0),
+            warn_before: own
+                .warn_before
+                .or(global.warn_before)
+                .map_or(defaults::WARN_BEFORE, |d| d.0),
         };
         let mut here = at.to_vec();
         if policy.jitter * 100.0 > defaults::MAX_JITTER_PERCENT {
@@ -896,22 +929,30 @@ impl Resolver<'_> {
             self.error(&refs, msg)
         };
 
-        let (provider_label, profile) =
-            provider::resolve(&rc.provider).map_err(|e| err(&["provider"], e.to_string()))?;
+        let (provider_label, profile) = provider::resolve(&rc.provider).map_err(|e| match e {
+            provider::ProfileError::Invalid { field, message }
+                if matches!(rc.provider, ProfileSpec::Layer(_)) =>
+            {
+                err(&["provider", field], message)
+            }
+            other => err(&["provider"], other.to_string()),
+        })?;
         let vars: BTreeMap<String, String> = [
             ("base_url", &rc.base_url),
             ("tenant", &rc.tenant),
             ("domain", &rc.domain),
             ("region", &rc.region),
             ("version", &rc.version),
+            ("realm", &rc.realm),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.0.clone())))
+        .chain([("client_id".to_string(), rc.client_id.0.clone())])
         .collect();
         let endpoint =
             |template: &Option<String>, field: &'static str| -> Result<Option<Url>, ConfigError> {
                 let Some(t) = template else { return Ok(None) };
-                let filled = provider::fill_template(t, &vars)
+                let filled = provider::fill_template(t, &vars, &[])
                     .map_err(|m| err(&["provider"], format!("{field}: {m}")))?;
                 let url = Url::parse(&filled).map_err(|e| {
                     err(
@@ -930,7 +971,27 @@ impl Resolver<'_> {
             )
         })?;
         let authorize = endpoint(&profile.authorize_url, "authorize_url")?;
-        let revoke = endpoint(&profile.revoke_url, "revoke_url")?;
+        let refresh_url = endpoint(&profile.refresh_url, "refresh_url")?.unwrap_or(token.clone());
+        let device_authorization = endpoint(
+            &profile.device_authorization_url,
+            "device_authorization_url",
+        )?;
+        // The token itself goes in later; the rest is checked now with a stand-in.
+        const LATE: [&str; 2] = ["refresh_token", "access_token"];
+        let revoke = match &profile.revoke_url {
+            Some(t) => {
+                let filled = provider::fill_template(t, &vars, &LATE)
+                    .map_err(|m| err(&["provider"], format!("revoke_url: {m}")))?;
+                let probe = Some(
+                    filled
+                        .replace("{refresh_token}", "T")
+                        .replace("{access_token}", "T"),
+                );
+                endpoint(&probe, "revoke_url")?;
+                Some(filled)
+            }
+            None => None,
+        };
         if rc.grant == Grant::AuthorizationCode && authorize.is_none() {
             return Err(err(
                 &["provider"],
@@ -978,10 +1039,15 @@ impl Resolver<'_> {
             .map(|r| parse_loopback_redirect(&r.0).map_err(|m| err(&["redirect_uri"], m)))
             .transpose()?;
 
-        let scopes = match rc.scopes {
+        let mut scopes: Vec<String> = match rc.scopes {
             Some(s) => s.into_iter().map(|s| s.0).collect(),
             None => profile.default_scopes.clone(),
         };
+        for s in &profile.offline_scopes {
+            if rc.grant == Grant::AuthorizationCode && !scopes.contains(s) {
+                scopes.push(s.clone());
+            }
+        }
         for s in &scopes {
             if s.chars()
                 .any(|c| c.is_whitespace() || c == '"' || c == '\\')
@@ -1026,6 +1092,16 @@ impl Resolver<'_> {
             });
         }
 
+        if profile.refresh_mechanism == provider::RefreshMechanism::FbExchangeToken
+            && client_secret.is_none()
+        {
+            return Err(err(
+                &["client_secret"],
+                format!(
+                    "provider {provider_label} renews tokens by exchanging them with the client secret: set client_secret"
+                ),
+            ));
+        }
         let mut authorize_params = profile.authorize_params.clone();
         authorize_params.extend(rc.authorize_params.unwrap_or_default());
         const RESERVED: [&str; 7] = [
@@ -1037,10 +1113,11 @@ impl Resolver<'_> {
             "code_challenge",
             "code_challenge_method",
         ];
-        if let Some(k) = authorize_params
-            .keys()
-            .find(|k| RESERVED.contains(&k.as_str()))
-        {
+        let scope_param = profile.scope_param.as_str();
+        if let Some(k) = authorize_params.keys().find(|k| {
+            *k == scope_param
+                || (RESERVED.contains(&k.as_str()) && !(*k == "scope" && scope_param != "scope"))
+        }) {
             return Err(err(
                 &["authorize_params"],
                 format!("{k:?} is set by the daemon itself"),
@@ -1054,7 +1131,9 @@ impl Resolver<'_> {
             endpoints: Endpoints {
                 authorize,
                 token,
+                refresh: refresh_url,
                 revoke,
+                device_authorization,
             },
             grant: rc.grant,
             client_id: rc.client_id.0,
