@@ -87,8 +87,11 @@ enum Command {
     Refresh { name: String },
     /// Re-read the daemon's configuration file.
     Reload,
-    /// List the built-in provider profiles.
-    Providers,
+    /// List the built-in provider profiles, or show one in full.
+    Providers {
+        /// A profile to show with every field resolved (what `provider: NAME` gives a client).
+        name: Option<String>,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -183,7 +186,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Providers => {
+        Command::Providers { name: None } => {
             for name in provider::builtin_names() {
                 let spec = provider::ProfileSpec::Named(name.to_string());
                 match provider::resolve(&spec) {
@@ -193,6 +196,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Command::Providers { name: Some(name) } => match provider::show(&name) {
+            Ok(yaml) => {
+                println!("# provider: {name}, every field resolved");
+                print!("{yaml}");
+                Ok(())
+            }
+            Err(e) => Err(Failure::new(exit::USAGE, e.to_string())),
+        },
     }
 }
 

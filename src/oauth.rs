@@ -851,8 +851,18 @@ fn token_from_fields(profile: &Profile, root: &Value, now: i64) -> Result<TokenS
         .as_ref()
         .map(|p| format!(" in `{p}`"))
         .unwrap_or_default();
-    let access_token =
-        text("access_token").ok_or_else(|| format!("the response has no access_token{where_}"))?;
+    let access_token = match f.get("access_token") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        None | Some(Value::Null) => {
+            return Err(format!("the response has no access_token{where_}"));
+        }
+        Some(other) => {
+            return Err(format!(
+                "access_token{where_} is {}, not a non-empty string",
+                kind(other)
+            ));
+        }
+    };
     let token_type = match text("token_type") {
         Some(t) if t.eq_ignore_ascii_case("bearer") => "Bearer".to_string(),
         Some(t) => t,
@@ -934,6 +944,7 @@ fn kind(v: &Value) -> &'static str {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
         Value::Number(_) => "a number",
+        Value::String(s) if s.is_empty() => "an empty string",
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",

@@ -193,6 +193,46 @@ fn bad_configs_are_refused_with_their_position() {
             "2:10",
             "no group named",
         ),
+        (
+            "clients:\n  a:\n    client_id: x\n    provider: {base: google, tokn_url: \"https://t/\"}\n",
+            "4:30",
+            "unknown field `tokn_url`",
+        ),
+        (
+            "clients:\n  a:\n    client_id: x\n    provider:\n      base: google\n      token_method: GET\n",
+            "6:21",
+            "set `token_request: query`",
+        ),
+        (
+            "clients:\n  a:\n    client_id: x\n    provider:\n      base: strava\n      client_auth: both\n",
+            "6:20",
+            "unknown variant `both`",
+        ),
+        (
+            "clients:\n  a:\n    client_id: x\n    provider: gogle\n",
+            "4:15",
+            "unknown provider \"gogle\"",
+        ),
+        (
+            "clients:\n  a:\n    client_id: x\n    provider: {base: keycloak}\n",
+            "4:15",
+            "needs `base_url`",
+        ),
+        (
+            "clients:\n  a:\n    client_id: x\n    provider: x\n    pkce: false\n",
+            "5:11",
+            "requires PKCE",
+        ),
+        (
+            "clients:\n  a:\n    client_id: x\n    provider: facebook\n",
+            "3:5",
+            "exchanging them with the client secret",
+        ),
+        (
+            "clients:\n  a:\n    client_id: x\n    provider: {base: google, error_codes: {weird: nonsense}}\n",
+            "4:43",
+            "not a standard code",
+        ),
     ];
     let mut wrong = Vec::new();
     for (src, position, fragment) in cases {
