@@ -276,7 +276,8 @@ impl Engine {
     /// Revokes the client's grant at the server, the way its profile says.
     pub async fn revoke(&self, client: &ClientConfig, token: &TokenSet) -> Result<(), GrantError> {
         let request = revoke_request(&self.http, client, token)?;
-        let shown = shown_url(request.url());
+        // The template, not the request's URL: `revocation: url` puts the token in the path.
+        let shown = client.endpoints.revoke.clone().unwrap_or_default();
         let resp = self.http.execute(request).await.map_err(|e| {
             GrantError::transient(format!(
                 "cannot reach the revocation endpoint {shown}: {}",
@@ -286,20 +287,20 @@ impl Engine {
         let answer = read_answer(resp)
             .await
             .map_err(|m| GrantError::transient(format!("revocation endpoint {shown}: {m}")))?;
-        if (200..300).contains(&answer.status) {
-            return Ok(());
-        }
-        match interpret(&client.profile, &shown, &answer, now_ms()) {
-            Err(mut e) => {
+        // Slack says `ok: false` with HTTP 200: a 2xx is a success only without an error in it.
+        let fields = parse_body(
+            client.profile.response_format,
+            &answer.content_type,
+            &answer.body,
+        );
+        match answer_error(&client.profile, &shown, &answer, fields.as_ref()) {
+            Some(mut e) => {
                 e.message = e
                     .message
                     .replacen("token endpoint", "revocation endpoint", 1);
                 Err(e)
             }
-            Ok(_) => Err(GrantError::transient(format!(
-                "revocation endpoint {shown} answered {}",
-                answer.status
-            ))),
+            None => Ok(()),
         }
     }
 }
@@ -526,7 +527,7 @@ pub fn revoke_request(
                 }
                 _ => push(&mut params, "client_id", &client.client_id),
             }
-            match profile.token_request {
+            match profile.revoke_request {
                 RequestEncoding::Json => req.json(&json_object(params)),
                 _ => req.form(&params),
             }
@@ -632,15 +633,39 @@ pub fn interpret(
     answer: &Answer,
     now: i64,
 ) -> Result<TokenSet, GrantError> {
-    let Answer {
-        status,
-        content_type,
-        body,
-        retry_after,
-    } = answer;
-    let (status, retry_after) = (*status, *retry_after);
-    let fields = parse_body(profile.response_format, content_type, body);
-    let root = fields.as_ref().map(|m| Value::Object(m.clone()));
+    let fields = parse_body(profile.response_format, &answer.content_type, &answer.body);
+    if let Some(e) = answer_error(profile, url, answer, fields.as_ref()) {
+        return Err(e);
+    }
+    let Some(fields) = fields else {
+        return Err(GrantError::transient(format!(
+            "token endpoint {url} answered {} with a body that is not {} ({})",
+            answer.status,
+            match profile.response_format {
+                ResponseFormat::Auto => "JSON or a form",
+                ResponseFormat::Json => "JSON, as the profile expects",
+                ResponseFormat::Form => "a form, as the profile expects",
+            },
+            describe_body(&answer.content_type, &answer.body)
+        )));
+    };
+    token_from_fields(profile, &Value::Object(fields), now).map_err(|m| {
+        GrantError::transient(format!(
+            "token endpoint {url}: {m}; the previous token stays in use"
+        ))
+    })
+}
+
+/// The error an answer carries, classified: a non-2xx status, an error field (in any status:
+/// GitHub and Reddit answer 200), or a false success flag (Slack). `None`: a success.
+fn answer_error(
+    profile: &Profile,
+    url: &str,
+    answer: &Answer,
+    fields: Option<&Map<String, Value>>,
+) -> Option<GrantError> {
+    let status = answer.status;
+    let root = fields.map(|m| Value::Object(m.clone()));
     let raw_code = root.as_ref().and_then(|r| {
         profile
             .error_fields
@@ -654,24 +679,8 @@ pub fn interpret(
             .and_then(|p| lookup(r, p))
             .is_some_and(|v| v == &Value::Bool(false) || v.as_str() == Some("false"))
     });
-    let ok_status = (200..300).contains(&status);
-    if ok_status && raw_code.is_none() && !failed_flag {
-        let Some(root) = root else {
-            return Err(GrantError::transient(format!(
-                "token endpoint {url} answered {status} with a body that is not {} ({})",
-                match profile.response_format {
-                    ResponseFormat::Auto => "JSON or a form",
-                    ResponseFormat::Json => "JSON, as the profile expects",
-                    ResponseFormat::Form => "a form, as the profile expects",
-                },
-                describe_body(content_type, body)
-            )));
-        };
-        return token_from_fields(profile, &root, now).map_err(|m| {
-            GrantError::transient(format!(
-                "token endpoint {url}: {m}; the previous token stays in use"
-            ))
-        });
+    if (200..300).contains(&status) && raw_code.is_none() && !failed_flag {
+        return None;
     }
     let description = root.as_ref().and_then(|r| {
         profile
@@ -715,13 +724,16 @@ pub fn interpret(
         }
         (_, _, Some(d)) if failed_flag => message.push_str(&format!(" with a failure: {d}")),
         _ if failed_flag => message.push_str(" with a failure and no error code"),
-        _ => message.push_str(&format!(" ({})", describe_body(content_type, body))),
+        _ => message.push_str(&format!(
+            " ({})",
+            describe_body(&answer.content_type, &answer.body)
+        )),
     }
-    Err(GrantError {
+    Some(GrantError {
         class,
         code: error_code,
         message,
-        retry_after,
+        retry_after: answer.retry_after,
     })
 }
 
@@ -807,9 +819,24 @@ fn number(v: &Value, key: &str, strings_allowed: bool) -> Result<i64, String> {
     }
 }
 
+/// Longer than any token lives: a bigger value is a misreading (milliseconds taken for seconds)
+/// or garbage, and would overflow the clock arithmetic.
+const MAX_LIFETIME_SECS: i64 = 100 * 365 * 86_400;
+
+/// `secs` from now, in milliseconds, refusing what cannot be a lifetime.
+fn relative_ms(secs: i64, key: &str, now: i64) -> Result<i64, String> {
+    if secs > MAX_LIFETIME_SECS {
+        return Err(format!("{key} is more than 100 years ({secs}s)"));
+    }
+    Ok(now.saturating_add(secs * 1000))
+}
+
 /// A Unix time in seconds as milliseconds, refusing what cannot be a time.
 fn absolute_ms(secs: i64, key: &str, now: i64) -> Result<i64, String> {
-    let at = secs.saturating_mul(1000);
+    if secs > now / 1000 + MAX_LIFETIME_SECS {
+        return Err(format!("{key} is more than 100 years ahead ({secs})"));
+    }
+    let at = secs * 1000;
     if at < now - 60_000 {
         return Err(format!(
             "{key} is {}s in the past: the token would be born expired (is this machine's clock right?)",
@@ -829,6 +856,8 @@ fn token_from_fields(profile: &Profile, root: &Value, now: i64) -> Result<TokenS
                     kind(other)
                 ));
             }
+            // A refresh answer may carry the token at the top (Slack's user-token refresh).
+            None if root.get("access_token").is_some() => root,
             None => {
                 return Err(format!(
                     "the response has no `{path}` (the profile's token_path)"
@@ -849,6 +878,7 @@ fn token_from_fields(profile: &Profile, root: &Value, now: i64) -> Result<TokenS
     let where_ = profile
         .token_path
         .as_ref()
+        .filter(|_| !std::ptr::eq(object, root))
         .map(|p| format!(" in `{p}`"))
         .unwrap_or_default();
     let access_token = match f.get("access_token") {
@@ -863,10 +893,10 @@ fn token_from_fields(profile: &Profile, root: &Value, now: i64) -> Result<TokenS
             ));
         }
     };
+    // Slack says `bot` or `user`: not HTTP schemes, and its tokens are sent as Bearer.
     let token_type = match text("token_type") {
-        Some(t) if t.eq_ignore_ascii_case("bearer") => "Bearer".to_string(),
-        Some(t) => t,
-        None => "Bearer".to_string(),
+        Some(t) if ["dpop", "mac", "pop"].contains(&t.to_ascii_lowercase().as_str()) => t,
+        _ => "Bearer".to_string(),
     };
     let mut expires_at = None;
     for field in &profile.expiry {
@@ -881,17 +911,22 @@ fn token_from_fields(profile: &Profile, root: &Value, now: i64) -> Result<TokenS
         if n < 0 {
             return Err(format!("{key} is negative ({n})"));
         }
+        if n == 0 && !field.is_absolute() {
+            // "0" means "not said" for some servers (requests-oauthlib's Mailchimp fix); taken
+            // at its word it would have the token refreshed every second.
+            continue;
+        }
         expires_at = Some(if field.is_absolute() {
             absolute_ms(n, key, now)?
         } else {
-            now + n.saturating_mul(1000)
+            relative_ms(n, key, now)?
         });
         break;
     }
     if expires_at.is_none() && !profile.expiry.contains(&ExpiryField::Never) {
         expires_at = profile
             .default_expires_in
-            .map(|d| now + d.0.as_millis() as i64);
+            .map(|d| now.saturating_add(d.0.as_millis().min(i64::MAX as u128) as i64));
     }
     let mut refresh_expires_at: Option<i64> = None;
     for key in &profile.refresh_expiry_fields {
@@ -901,7 +936,7 @@ fn token_from_fields(profile: &Profile, root: &Value, now: i64) -> Result<TokenS
         let secs = number(v, key, profile.numbers_as_strings)?;
         // Keycloak sends 0 for offline tokens, meaning "no expiry".
         if secs > 0 {
-            let at = now + secs.saturating_mul(1000);
+            let at = relative_ms(secs, key, now)?;
             refresh_expires_at = Some(refresh_expires_at.map_or(at, |old| old.min(at)));
         }
     }
@@ -936,6 +971,7 @@ fn token_from_fields(profile: &Profile, root: &Value, now: i64) -> Result<TokenS
         obtained_at: now,
         granted_at: now,
         extra,
+        refresh_expiry_slides: false,
     })
 }
 
@@ -1120,6 +1156,43 @@ mod tests {
     }
 
     #[test]
+    fn lifetimes_that_cannot_be_are_refused_or_ignored() {
+        let e = read(
+            "generic",
+            200,
+            JSON,
+            br#"{"access_token":"a","expires_in":9223372036854775807}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("more than 100 years"), "{}", e.message);
+        let e = read(
+            "generic",
+            200,
+            JSON,
+            br#"{"access_token":"a","expires_in":1e300}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("more than 100 years"), "{}", e.message);
+        let e = read(
+            "expiry: [expires_at]",
+            200,
+            JSON,
+            br#"{"access_token":"a","expires_at":99999999999999}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("100 years ahead"), "{}", e.message);
+        // 0 means "not said": the default applies, no refresh every second.
+        let t = read(
+            "default_expires_in: 1h",
+            200,
+            JSON,
+            br#"{"access_token":"a","expires_in":0}"#,
+        )
+        .unwrap();
+        assert_eq!(t.expires_at, Some(1_000_000 + 3_600_000));
+    }
+
+    #[test]
     fn refresh_token_expiry_takes_the_smallest_known() {
         let intuit =
             "refresh_expiry_fields: [x_refresh_token_expires_in, x_refresh_token_hard_expires_in]";
@@ -1145,13 +1218,20 @@ mod tests {
             "authed_user":{"id":"U1","access_token":"xoxp-user","refresh_token":"xoxe-r","expires_in":43200}}"#;
         let t = read(slack, 200, JSON, body).unwrap();
         assert_eq!(t.access_token.expose(), "xoxp-user");
-        assert_eq!(t.refresh_token.unwrap().expose(), "xoxe-r");
+        assert_eq!(t.refresh_token.as_ref().unwrap().expose(), "xoxe-r");
         assert_eq!(t.extra.get("team.id"), Some(&Value::String("T1".into())));
         assert_eq!(
             t.extra.get("bot_user_id"),
             Some(&Value::String("U0".into()))
         );
-        let e = read(slack, 200, JSON, br#"{"ok":true,"access_token":"xoxb"}"#).unwrap_err();
+        assert_eq!(
+            t.token_type, "Bearer",
+            "Slack's `user` is not an HTTP scheme"
+        );
+        // A refresh answer carries the user token at the top level.
+        let t = read(slack, 200, JSON, br#"{"ok":true,"access_token":"xoxp-2","refresh_token":"r2","expires_in":43200,"token_type":"user"}"#).unwrap();
+        assert_eq!(t.access_token.expose(), "xoxp-2");
+        let e = read(slack, 200, JSON, br#"{"ok":true,"team":{"id":"T1"}}"#).unwrap_err();
         assert!(e.message.contains("no `authed_user`"), "{}", e.message);
     }
 

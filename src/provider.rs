@@ -240,7 +240,7 @@ profile_fields! {
     /// The token request's HTTP method.
     token_method: Method = Method::Post;
     /// Extra headers on every token request (`Accept`, `User-Agent`...); values may use
-    /// {client_id}, {redirect_uri} and {scope}.
+    /// {client_id} and {scope}.
     token_headers: BTreeMap<String, String> = BTreeMap::new();
     /// Extra parameters of every token request; values may use {client_id}, {redirect_uri}
     /// and {scope}.
@@ -316,6 +316,8 @@ profile_fields! {
     revocation: Revocation = Revocation::Rfc7009;
     /// The revocation request's HTTP method.
     revoke_method: Method = Method::Post;
+    /// The body of an RFC 7009 revocation: form (the RFC) or json (Intuit, Notion).
+    revoke_request: RequestEncoding = RequestEncoding::Form;
 }
 
 /// The embedded built-in profiles, as layers.
@@ -486,6 +488,25 @@ impl Profile {
                     .into(),
             );
         }
+        if self.revoke_request == RequestEncoding::Query {
+            return bad(
+                "revoke_request",
+                "a revocation body is a form or JSON; a token in the URL is `revocation: url`"
+                    .into(),
+            );
+        }
+        if self.revocation == Revocation::Rfc7009 && self.revoke_method == Method::Delete {
+            return bad(
+                "revoke_method",
+                "an RFC 7009 revocation is a POST (a body on a DELETE is often dropped)".into(),
+            );
+        }
+        if self.response_format == ResponseFormat::Form && !self.numbers_as_strings {
+            return bad(
+                "numbers_as_strings",
+                "every value of a form is a string: a form response needs `numbers_as_strings: true`".into(),
+            );
+        }
         if self.expiry.is_empty() {
             return bad("expiry", "name at least one field, or `[never]`".into());
         }
@@ -612,7 +633,8 @@ impl Profile {
                     format!("the value of {name:?} is not a valid header value"),
                 );
             }
-            if let Err(m) = check_template(value, &PARAM_VARIABLES) {
+            // {redirect_uri} may have no value, and a header cannot be left out like a parameter.
+            if let Err(m) = check_template(value, &["client_id", "scope"]) {
                 return bad("token_headers", format!("{name}: {m}"));
             }
         }
@@ -807,6 +829,22 @@ mod tests {
                 "token_params: {grant_type: x}",
                 "token_params",
                 "set by the daemon",
+            ),
+            ("revoke_request: query", "revoke_request", "form or JSON"),
+            (
+                "revoke_method: DELETE",
+                "revoke_method",
+                "RFC 7009 revocation is a POST",
+            ),
+            (
+                "response_format: form\nnumbers_as_strings: false",
+                "numbers_as_strings",
+                "every value of a form",
+            ),
+            (
+                "token_headers: {X-R: '{redirect_uri}'}",
+                "token_headers",
+                "variable other than",
             ),
             (
                 "refresh_params: {redirect_uri: '{secret}'}",

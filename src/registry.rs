@@ -579,8 +579,8 @@ impl Registry {
             Status::Valid | Status::Refreshing => match &st.token {
                 Some(t) => {
                     let renew = can_renew(&cfg, t);
-                    warn_at = scheduler::grant_end(t, &cfg.profile, renew)
-                        .filter(|end| st.warned_for != Some(*end))
+                    warn_at = grant_end(&cfg, t)
+                        .filter(|end| !warned(&st, &cfg, *end))
                         .map(|end| end - cfg.refresh.warn_before.as_millis() as i64);
                     scheduler::next_refresh(t, &cfg.refresh, &cfg.profile, renew, scheduler::draw())
                 }
@@ -614,11 +614,10 @@ impl Registry {
                 return;
             }
             let Some(t) = &st.token else { return };
-            let Some(end) = scheduler::grant_end(t, &cfg.profile, can_renew(&cfg, t)) else {
+            let Some(end) = grant_end(&cfg, t) else {
                 return;
             };
-            if st.warned_for == Some(end) || end - cfg.refresh.warn_before.as_millis() as i64 > now
-            {
+            if warned(&st, &cfg, end) || end - cfg.refresh.warn_before.as_millis() as i64 > now {
                 return;
             }
             st.warned_for = Some(end);
@@ -1462,6 +1461,21 @@ fn can_renew(cfg: &ClientConfig, token: &TokenSet) -> bool {
         }
 }
 
+/// When only the user can continue this client's grant, when known; a client that needs no
+/// user has no such end.
+fn grant_end(cfg: &ClientConfig, token: &TokenSet) -> Option<i64> {
+    (cfg.grant != Grant::ClientCredentials)
+        .then(|| scheduler::grant_end(token, &cfg.profile, can_renew(cfg, token)))
+        .flatten()
+}
+
+/// Whether the user was warned about this end already. A countdown sent again with each refresh
+/// (LinkedIn) lands a little apart each time: the same end within the warning window.
+fn warned(st: &ClientState, cfg: &ClientConfig, end: i64) -> bool {
+    let window = cfg.refresh.warn_before.as_millis() as i64;
+    st.warned_for.is_some_and(|w| (w - end).abs() <= window)
+}
+
 /// The status shown: a token that expired without a way to renew it needs the user.
 fn effective_status(c: &Client) -> Status {
     let cfg = c.config();
@@ -1498,8 +1512,7 @@ fn info(c: &Client) -> ClientInfo {
             .and_then(|t| t.remaining(now))
             .map(|ms| ms.div_euclid(1000)),
         has_refresh_token: token.is_some_and(|t| t.refresh_token.is_some()),
-        grant_ends_at: token
-            .and_then(|t| scheduler::grant_end(t, &cfg.profile, can_renew(&cfg, t))),
+        grant_ends_at: token.and_then(|t| grant_end(&cfg, t)),
         last_refresh_at: st.last_refresh_at,
         next_refresh_at: st.next_refresh_at,
         last_error: st.last_error.clone(),

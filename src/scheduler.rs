@@ -78,6 +78,10 @@ pub fn next_refresh(
 /// When the grant behind `token` ends for sure, so that only the user can continue: the refresh
 /// token's known expiry (the server's word, or the profile's absolute lifetime counted from the
 /// authorization), or, for a token that cannot be renewed, its own expiry.
+///
+/// The server's word counts once a refresh has shown that it does not move: many servers send
+/// an idle timeout there (Keycloak's SSO idle, Intuit's rolling 100 days) that each refresh
+/// pushes back, and warning about those would cry wolf after every authorization.
 pub fn grant_end(token: &TokenSet, profile: &Profile, can_renew: bool) -> Option<i64> {
     if !can_renew {
         return token.expires_at;
@@ -87,11 +91,11 @@ pub fn grant_end(token: &TokenSet, profile: &Profile, can_renew: bool) -> Option
     }
     let by_profile = profile
         .refresh_token_max_lifetime
-        .map(|d| token.granted_at + d.0.as_millis() as i64);
-    [token.refresh_expires_at, by_profile]
-        .into_iter()
-        .flatten()
-        .min()
+        .map(|d| token.granted_at.saturating_add(d.0.as_millis() as i64));
+    let by_server = token
+        .refresh_expires_at
+        .filter(|_| !token.refresh_expiry_slides && token.obtained_at > token.granted_at);
+    [by_server, by_profile].into_iter().flatten().min()
 }
 
 /// How long to wait before retry number `failures` (1 for the first): exponential from
@@ -274,6 +278,7 @@ mod tests {
             obtained_at,
             granted_at: 0,
             extra: Default::default(),
+            refresh_expiry_slides: false,
         }
     }
 
@@ -362,6 +367,13 @@ mod tests {
         assert_eq!(grant_end(&t, &g, true), None);
         t.refresh_expires_at = Some(100 * 86_400_000);
         assert_eq!(grant_end(&t, &g, true), Some(100 * 86_400_000));
+        // Not before a refresh showed it fixed, and not once a refresh moved it.
+        t.granted_at = t.obtained_at;
+        assert_eq!(grant_end(&t, &g, true), None);
+        t.granted_at = 0;
+        t.refresh_expiry_slides = true;
+        assert_eq!(grant_end(&t, &g, true), None);
+        t.refresh_expiry_slides = false;
         let linkedin = profile("refresh_token_max_lifetime: 365d");
         t.refresh_expires_at = None;
         t.granted_at = 1_000;

@@ -155,6 +155,7 @@ mod tests {
             obtained_at: 0,
             granted_at: 0,
             extra: Default::default(),
+            refresh_expiry_slides: false,
         }
     }
 

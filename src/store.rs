@@ -61,6 +61,7 @@ const MIGRATIONS: &[&str] = &[
     // a warning about a grant's end is given once.
     "ALTER TABLE tokens ADD COLUMN granted_at INTEGER;
     ALTER TABLE tokens ADD COLUMN extra TEXT;
+    ALTER TABLE tokens ADD COLUMN refresh_expiry_slides INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE clients ADD COLUMN warned_for INTEGER;",
 ];
 
@@ -372,13 +373,14 @@ fn apply_unit(conn: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
                 token: Some((t, generation)),
             } => {
                 conn.prepare_cached(
-                    "INSERT INTO tokens (client, access_token, token_type, refresh_token, id_token, scope, expires_at, refresh_expires_at, obtained_at, generation, granted_at, extra)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                    "INSERT INTO tokens (client, access_token, token_type, refresh_token, id_token, scope, expires_at, refresh_expires_at, obtained_at, generation, granted_at, extra, refresh_expiry_slides)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
                      ON CONFLICT(client) DO UPDATE SET access_token=excluded.access_token, token_type=excluded.token_type,
                        refresh_token=excluded.refresh_token, id_token=excluded.id_token, scope=excluded.scope,
                        expires_at=excluded.expires_at, refresh_expires_at=excluded.refresh_expires_at,
                        obtained_at=excluded.obtained_at, generation=excluded.generation,
-                       granted_at=excluded.granted_at, extra=excluded.extra",
+                       granted_at=excluded.granted_at, extra=excluded.extra,
+                       refresh_expiry_slides=excluded.refresh_expiry_slides",
                 )?
                 .execute(params![
                     client,
@@ -392,7 +394,8 @@ fn apply_unit(conn: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
                     t.obtained_at,
                     generation,
                     t.granted_at,
-                    (!t.extra.is_empty()).then(|| serde_json::Value::Object(t.extra.clone()).to_string())
+                    (!t.extra.is_empty()).then(|| serde_json::Value::Object(t.extra.clone()).to_string()),
+                    t.refresh_expiry_slides
                 ])?;
             }
             Write::Token {
@@ -447,7 +450,7 @@ fn load_all(conn: &Connection) -> rusqlite::Result<Vec<Stored>> {
     let mut stmt = conn.prepare(
         "SELECT c.name, c.status, c.fingerprint, c.reason, c.last_refresh_at, c.last_error, c.failures, c.removed_at, c.updated_at,
                 t.access_token, t.token_type, t.refresh_token, t.id_token, t.scope, t.expires_at, t.refresh_expires_at,
-                t.obtained_at, t.generation, t.granted_at, t.extra, c.warned_for
+                t.obtained_at, t.generation, t.granted_at, t.extra, c.warned_for, t.refresh_expiry_slides
          FROM clients c LEFT JOIN tokens t ON t.client = c.name",
     )?;
     let rows = stmt.query_map([], |r| {
@@ -483,6 +486,7 @@ fn load_all(conn: &Connection) -> rusqlite::Result<Vec<Stored>> {
                         },
                         None => serde_json::Map::new(),
                     },
+                    refresh_expiry_slides: r.get::<_, Option<bool>>(21)?.unwrap_or(false),
                 },
                 r.get(17)?,
             )),
@@ -533,6 +537,7 @@ mod tests {
             obtained_at: 1,
             granted_at: 1,
             extra: serde_json::Map::from_iter([("instance_url".to_string(), "https://x".into())]),
+            refresh_expiry_slides: false,
         }
     }
 

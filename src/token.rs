@@ -24,6 +24,9 @@ pub struct TokenSet {
     pub granted_at: i64,
     /// Fields the profile keeps besides the token (`instance_url`, `realmId`...).
     pub extra: Map<String, Value>,
+    /// A refresh moved the refresh token's expiry later: it is an idle timeout (Keycloak's SSO
+    /// idle, Intuit's rolling 100 days), not the grant's end.
+    pub refresh_expiry_slides: bool,
 }
 
 impl TokenSet {
@@ -48,6 +51,9 @@ impl TokenSet {
     /// lose the grant, unless the profile says an omitted one is gone (`keep_refresh_token`).
     pub fn carry_over(mut self, previous: &TokenSet, keep_refresh_token: bool) -> TokenSet {
         self.granted_at = previous.granted_at;
+        self.refresh_expiry_slides = previous.refresh_expiry_slides
+            || matches!((self.refresh_expires_at, previous.refresh_expires_at),
+                (Some(new), Some(old)) if new > old + 60_000);
         let mut extra = previous.extra.clone();
         extra.append(&mut self.extra);
         self.extra = extra;
@@ -90,6 +96,7 @@ mod tests {
             obtained_at: 0,
             granted_at: 0,
             extra: Map::new(),
+            refresh_expiry_slides: false,
         }
     }
 

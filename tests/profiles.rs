@@ -600,6 +600,7 @@ fn old_token() -> TokenSet {
         obtained_at: now,
         granted_at: now,
         extra: Default::default(),
+        refresh_expiry_slides: false,
     }
 }
 

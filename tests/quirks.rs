@@ -50,6 +50,7 @@ fn token(at: &str, rt: Option<&str>) -> TokenSet {
         obtained_at: now - 1000,
         granted_at: now - 5000,
         extra: Default::default(),
+        refresh_expiry_slides: false,
     }
 }
 
@@ -687,6 +688,37 @@ async fn revocation_styles() {
         server.uri()
     );
     engine().revoke(&client(&hubspot, ""), &t).await.unwrap();
+    // Slack answers 200 with ok:false when it did not revoke.
+    Mock::given(method("POST"))
+        .and(path("/slack-revoke"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"ok": false, "error": "invalid_auth"})),
+        )
+        .mount(&server)
+        .await;
+    let slack = format!(
+        "{{base: slack, revoke_url: \"{}/slack-revoke\"}}",
+        server.uri()
+    );
+    let e = engine().revoke(&client(&slack, ""), &t).await.unwrap_err();
+    assert!(e.message.contains("invalid_auth"), "{}", e.message);
+    // A token in the URL never shows in a message.
+    Mock::given(method("DELETE"))
+        .and(path("/gone/r1"))
+        .respond_with(ResponseTemplate::new(404))
+        .mount(&server)
+        .await;
+    let gone = format!(
+        "{{base: hubspot, revoke_url: \"{}/gone/{{refresh_token}}\"}}",
+        server.uri()
+    );
+    let e = engine().revoke(&client(&gone, ""), &t).await.unwrap_err();
+    assert!(
+        e.message.contains("404") && e.message.contains("{refresh_token}"),
+        "{}",
+        e.message
+    );
+    assert!(!e.message.contains("r1"), "{}", e.message);
     // A provider without revocation says so.
     let e = engine()
         .revoke(&client("microsoft", ""), &t)
