@@ -402,19 +402,7 @@ pub fn token_request(
         Grant::Refresh { .. } | Grant::Exchange { .. } => &client.endpoints.refresh,
         _ => &client.endpoints.token,
     };
-    let mut basic = None;
-    match (client.client_auth(), &client.client_secret) {
-        (ClientAuth::Basic, Some(secret)) => basic = Some(secret),
-        (ClientAuth::BasicWithClientId, Some(secret)) => {
-            basic = Some(secret);
-            push(&mut params, "client_id", &client.client_id);
-        }
-        (ClientAuth::Post, Some(secret)) => {
-            push(&mut params, "client_id", &client.client_id);
-            push(&mut params, "client_secret", secret.expose());
-        }
-        _ => push(&mut params, "client_id", &client.client_id),
-    }
+    let basic = authenticate(client, &mut params);
     let mut url = url.clone();
     if profile.token_request == RequestEncoding::Query {
         url.query_pairs_mut().extend_pairs(&params);
@@ -435,6 +423,28 @@ pub fn token_request(
     })?;
     set_headers(&mut request, client);
     Ok(request)
+}
+
+/// Puts the client's credentials where its authentication method says: the parameters get
+/// `client_id` (and the secret for `post`); the secret to send with HTTP Basic is returned.
+/// Never both places for the secret (Dropbox refuses that).
+fn authenticate<'c>(client: &'c ClientConfig, params: &mut Params) -> Option<&'c Secret> {
+    match (client.client_auth(), &client.client_secret) {
+        (ClientAuth::Basic, Some(secret)) => Some(secret),
+        (ClientAuth::BasicWithClientId, Some(secret)) => {
+            push(params, "client_id", &client.client_id);
+            Some(secret)
+        }
+        (ClientAuth::Post, Some(secret)) => {
+            push(params, "client_id", &client.client_id);
+            push(params, "client_secret", secret.expose());
+            None
+        }
+        _ => {
+            push(params, "client_id", &client.client_id);
+            None
+        }
+    }
 }
 
 /// RFC 6749 section 2.3.1: both parts are form-urlencoded before Basic encoding.
@@ -494,38 +504,18 @@ pub fn revoke_request(
         None => ("access_token", &token.access_token),
     };
     let filled = template
-        .replace(
-            "{refresh_token}",
-            &form_encode(
-                token
-                    .refresh_token
-                    .as_ref()
-                    .unwrap_or(&token.access_token)
-                    .expose(),
-            ),
-        )
+        .replace("{refresh_token}", &form_encode(value.expose()))
         .replace("{access_token}", &form_encode(token.access_token.expose()));
     let url = Url::parse(&filled)
         .map_err(|e| GrantError::config(format!("the revocation URL is not a URL: {e}")))?;
     let mut req = http.request(profile.revoke_method.as_reqwest(), url);
-    let secret = client.client_secret.as_ref();
-    let auth = client.client_auth();
     req = match profile.revocation {
         Revocation::Rfc7009 => {
             let mut params: Params = Vec::new();
             push(&mut params, "token", value.expose());
             push(&mut params, "token_type_hint", hint);
-            match (auth, secret) {
-                (ClientAuth::Basic, Some(s)) => req = with_basic(req, &client.client_id, s),
-                (ClientAuth::BasicWithClientId, Some(s)) => {
-                    req = with_basic(req, &client.client_id, s);
-                    push(&mut params, "client_id", &client.client_id);
-                }
-                (ClientAuth::Post, Some(s)) => {
-                    push(&mut params, "client_id", &client.client_id);
-                    push(&mut params, "client_secret", s.expose());
-                }
-                _ => push(&mut params, "client_id", &client.client_id),
+            if let Some(secret) = authenticate(client, &mut params) {
+                req = with_basic(req, &client.client_id, secret);
             }
             match profile.revoke_request {
                 RequestEncoding::Json => req.json(&json_object(params)),
@@ -538,7 +528,7 @@ pub fn revoke_request(
                 "access_token".into(),
                 Value::String(token.access_token.expose().to_string()),
             );
-            match secret {
+            match &client.client_secret {
                 Some(s) => req = with_basic(req, &client.client_id, s),
                 None => {
                     body.insert("client_id".into(), Value::String(client.client_id.clone()));
@@ -649,7 +639,7 @@ pub fn interpret(
             describe_body(&answer.content_type, &answer.body)
         )));
     };
-    token_from_fields(profile, &Value::Object(fields), now).map_err(|m| {
+    token_from_fields(profile, &fields, now).map_err(|m| {
         GrantError::transient(format!(
             "token endpoint {url}: {m}; the previous token stays in use"
         ))
@@ -665,14 +655,13 @@ fn answer_error(
     fields: Option<&Map<String, Value>>,
 ) -> Option<GrantError> {
     let status = answer.status;
-    let root = fields.map(|m| Value::Object(m.clone()));
-    let raw_code = root.as_ref().and_then(|r| {
+    let raw_code = fields.and_then(|r| {
         profile
             .error_fields
             .iter()
             .find_map(|p| lookup(r, p).and_then(scalar_text))
     });
-    let failed_flag = root.as_ref().is_some_and(|r| {
+    let failed_flag = fields.is_some_and(|r| {
         profile
             .success_field
             .as_deref()
@@ -682,7 +671,7 @@ fn answer_error(
     if (200..300).contains(&status) && raw_code.is_none() && !failed_flag {
         return None;
     }
-    let description = root.as_ref().and_then(|r| {
+    let description = fields.and_then(|r| {
         profile
             .error_description_fields
             .iter()
@@ -783,9 +772,12 @@ fn parse_body(
     }
 }
 
-/// The value at a dotted path; numeric segments index arrays (`errors.0.errorType`).
-fn lookup<'v>(root: &'v Value, path: &str) -> Option<&'v Value> {
-    path.split('.').try_fold(root, |v, seg| match v {
+/// The value at a dotted path in a response; numeric segments index arrays
+/// (`errors.0.errorType`).
+fn lookup<'v>(root: &'v Map<String, Value>, path: &str) -> Option<&'v Value> {
+    let mut segments = path.split('.');
+    let first = root.get(segments.next()?)?;
+    segments.try_fold(first, |v, seg| match v {
         Value::Object(m) => m.get(seg),
         Value::Array(a) => seg.parse::<usize>().ok().and_then(|i| a.get(i)),
         _ => None,
@@ -846,10 +838,14 @@ fn absolute_ms(secs: i64, key: &str, now: i64) -> Result<i64, String> {
     Ok(at)
 }
 
-fn token_from_fields(profile: &Profile, root: &Value, now: i64) -> Result<TokenSet, String> {
-    let object = match &profile.token_path {
+fn token_from_fields(
+    profile: &Profile,
+    root: &Map<String, Value>,
+    now: i64,
+) -> Result<TokenSet, String> {
+    let f = match &profile.token_path {
         Some(path) => match lookup(root, path) {
-            Some(v @ Value::Object(_)) => v,
+            Some(Value::Object(m)) => m,
             Some(other) => {
                 return Err(format!(
                     "`{path}` (the profile's token_path) is {}, not an object",
@@ -866,9 +862,6 @@ fn token_from_fields(profile: &Profile, root: &Value, now: i64) -> Result<TokenS
         },
         None => root,
     };
-    let Value::Object(f) = object else {
-        return Err("the response is not an object".into());
-    };
     let text = |k: &str| {
         f.get(k)
             .and_then(Value::as_str)
@@ -878,7 +871,7 @@ fn token_from_fields(profile: &Profile, root: &Value, now: i64) -> Result<TokenS
     let where_ = profile
         .token_path
         .as_ref()
-        .filter(|_| !std::ptr::eq(object, root))
+        .filter(|_| !std::ptr::eq(f, root))
         .map(|p| format!(" in `{p}`"))
         .unwrap_or_default();
     let access_token = match f.get("access_token") {

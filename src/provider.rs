@@ -464,7 +464,7 @@ const RESERVED_HEADERS: [&str; 5] = [
 ];
 
 /// The variables a token-request parameter value may use.
-pub const PARAM_VARIABLES: [&str; 3] = ["client_id", "redirect_uri", "scope"];
+const PARAM_VARIABLES: [&str; 3] = ["client_id", "redirect_uri", "scope"];
 
 impl Profile {
     /// Refuses values that cannot work, alone or together.
@@ -652,11 +652,6 @@ impl Profile {
             }
         }
         Ok(())
-    }
-
-    /// Whether the daemon can renew an access token without the user at all.
-    pub fn can_refresh(&self) -> bool {
-        self.refresh_mechanism != RefreshMechanism::None
     }
 }
 
