@@ -4,7 +4,7 @@
 //! waits for a slow refresh) delays nobody else; at most `limits.max_connections` are served at
 //! once and more wait in the listen backlog. Errors are `{"error": code, "message": text}`.
 
-use crate::registry::{Registry, RegistryError, Trigger};
+use crate::registry::{Method, Registry, RegistryError, Trigger};
 use crate::token::now_ms;
 use crate::wire::{self, ErrorReply, Health, ReloadReply, TokenReply};
 use axum::extract::{Path, RawQuery, State};
@@ -39,6 +39,7 @@ impl ApiError {
             ErrorReply {
                 error: code.to_string(),
                 message: message.into(),
+                action: None,
             },
         )
     }
@@ -50,6 +51,10 @@ impl ApiError {
 
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> ApiError {
+        let action = match &e {
+            RegistryError::NeedsAuthorization { action, .. } => action.clone(),
+            _ => None,
+        };
         let status = match &e {
             RegistryError::UnknownClient(_) => StatusCode::NOT_FOUND,
             RegistryError::NeedsAuthorization { .. } => StatusCode::CONFLICT,
@@ -60,7 +65,9 @@ impl From<RegistryError> for ApiError {
             RegistryError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             RegistryError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError::new(status, e.code(), e.to_string())
+        let mut error = ApiError::new(status, e.code(), e.to_string());
+        error.1.action = action;
+        error
     }
 }
 
@@ -83,6 +90,7 @@ pub fn router(registry: Arc<Registry>) -> Router {
         .route("/v1/clients/{name}", get(show))
         .route("/v1/clients/{name}/token", get(token).delete(forget))
         .route("/v1/clients/{name}/refresh", post(refresh))
+        .route("/v1/clients/{name}/revoke", post(revoke))
         .route("/v1/clients/{name}/authorize", post(authorize))
         .route("/v1/clients/{name}/authorization", get(authorization))
         .route("/v1/clients/{name}/events", get(events))
@@ -202,8 +210,20 @@ async fn refresh(
 async fn authorize(
     State(r): State<Arc<Registry>>,
     Path(name): Path<String>,
+    RawQuery(raw): RawQuery,
 ) -> ApiResult<wire::AuthorizeReply> {
-    Ok(Json(r.authorize(&name).await?))
+    let params = query(raw, &["method"])?;
+    let method = match params.get("method").map(String::as_str) {
+        None => None,
+        Some("browser") => Some(Method::Browser),
+        Some("device") => Some(Method::Device),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "method={other:?}: expected browser or device"
+            )));
+        }
+    };
+    Ok(Json(r.authorize(&name, method).await?))
 }
 
 async fn authorization(
@@ -227,6 +247,24 @@ async fn forget(
 ) -> ApiResult<wire::ClientInfo> {
     r.forget_token(&name).await?;
     Ok(Json(r.info(&name)?))
+}
+
+async fn revoke(
+    State(r): State<Arc<Registry>>,
+    Path(name): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<wire::RevokeReply> {
+    let params = query(raw, &["local"])?;
+    let local = match params.get("local").map(String::as_str) {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") | Some("") => true,
+        Some(v) => {
+            return Err(ApiError::bad_request(format!(
+                "local={v:?}: expected true or false"
+            )));
+        }
+    };
+    Ok(Json(r.revoke(&name, local).await?))
 }
 
 async fn events(

@@ -5,7 +5,8 @@
 use crate::config;
 use crate::provider;
 use crate::wire::{
-    self, AuthorizationOutcome, AuthorizeReply, ClientInfo, ErrorReply, ReloadReply, TokenReply,
+    self, AuthorizationOutcome, AuthorizeReply, ClientInfo, ErrorReply, ReloadReply, RevokeReply,
+    TokenReply,
 };
 use clap::{Parser, Subcommand};
 use serde::de::DeserializeOwned;
@@ -34,7 +35,8 @@ Exit codes:
   2  bad command line
   3  the daemon is not running (no socket to talk to)
   4  no client of that name in the daemon's configuration
-  5  the client needs authorization: run `oauth2mci authorize NAME`
+  5  the client needs authorization: stderr says what to do (the URL to open, or the
+     code to enter at a page), or run `oauth2mci authorize NAME`
   6  the authorization server failed or refused the request
   7  the authorization did not complete (denied, state mismatch, timeout...)";
 
@@ -76,15 +78,26 @@ enum Command {
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         min_valid: Option<Duration>,
     },
-    /// Authorize a client: print the URL to open, wait for the browser, report the outcome.
+    /// Authorize a client: print the URL to open (or the code to enter), wait for the user,
+    /// report the outcome.
     Authorize {
         name: String,
         /// Do not try to open a browser; only print the URL.
         #[arg(long)]
         no_browser: bool,
+        /// Use the device flow (RFC 8628): a code to enter on any device with a browser.
+        #[arg(long)]
+        device: bool,
     },
     /// Refresh a client's token now.
     Refresh { name: String },
+    /// Revoke a client's grant at the server, then delete its tokens and token files.
+    Revoke {
+        name: String,
+        /// Delete the tokens here even if the server cannot revoke them (or has no way to).
+        #[arg(long)]
+        local: bool,
+    },
     /// Re-read the daemon's configuration file.
     Reload,
     /// List the built-in provider profiles, or show one in full.
@@ -126,6 +139,17 @@ pub fn main() -> ExitCode {
             });
         }
     };
+    if !matches!(cli.command, Command::Daemon { .. }) {
+        // A reader that goes away (`oauth2mci token x | head -c 10`) ends a client command
+        // quietly, as it does other Unix tools, instead of a panic about a broken pipe.
+        // SAFETY: no other thread runs yet, and SIG_DFL holds no Rust state.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
     match run(cli) {
         Ok(()) => ExitCode::from(exit::OK),
         Err(f) => {
@@ -158,7 +182,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("{}", t.access_token);
             Ok(())
         }
-        Command::Authorize { name, no_browser } => authorize(&socket(), &name, no_browser),
+        Command::Authorize {
+            name,
+            no_browser,
+            device,
+        } => authorize(&socket(), &name, no_browser || device, device),
+        Command::Revoke { name, local } => {
+            let path = format!(
+                "/v1/clients/{}/revoke{}",
+                encode(&name),
+                if local { "?local=true" } else { "" }
+            );
+            let r: RevokeReply = call(&socket(), "POST", &path, REQUEST_TIMEOUT)?;
+            println!("{}", r.message);
+            Ok(())
+        }
         Command::Refresh { name } => {
             let c: ClientInfo = call(
                 &socket(),
@@ -275,24 +313,41 @@ fn human(secs: i64) -> String {
     }
 }
 
-fn authorize(socket: &Path, name: &str, no_browser: bool) -> Result<(), Failure> {
+fn authorize(socket: &Path, name: &str, no_browser: bool, device: bool) -> Result<(), Failure> {
     let start: AuthorizeReply = call(
         socket,
         "POST",
-        &format!("/v1/clients/{}/authorize", encode(name)),
+        &format!(
+            "/v1/clients/{}/authorize{}",
+            encode(name),
+            if device { "?method=device" } else { "" }
+        ),
         REQUEST_TIMEOUT,
     )?;
-    println!(
-        "Open this URL in a browser to authorize {name}:\n\n{}\n",
-        start.url
-    );
-    if !no_browser {
-        open_browser(&start.url);
+    match (&start.user_code, &start.verification_uri) {
+        (Some(code), Some(page)) => {
+            println!(
+                "To authorize {name}, open {page} on any device and enter the code:\n\n    {code}\n"
+            );
+            if start.url != *page {
+                println!("(or open {} directly)\n", start.url);
+            }
+            eprintln!("Waiting for the code to be entered ...");
+        }
+        _ => {
+            println!(
+                "Open this URL in a browser to authorize {name}:\n\n{}\n",
+                start.url
+            );
+            if !no_browser {
+                open_browser(&start.url);
+            }
+            eprintln!(
+                "Waiting for the browser to come back to {} ...",
+                start.redirect_uri.as_deref().unwrap_or("the daemon")
+            );
+        }
     }
-    eprintln!(
-        "Waiting for the browser to come back to {} ...",
-        start.redirect_uri
-    );
     let deadline = Instant::now()
         + Duration::from_millis((start.expires_at - crate::token::now_ms()).max(0) as u64)
         + Duration::from_secs(5);
@@ -365,6 +420,7 @@ fn call<T: DeserializeOwned>(
     let reply: ErrorReply = serde_json::from_slice(&body).unwrap_or_else(|_| ErrorReply {
         error: "unknown".into(),
         message: format!("the daemon answered {status} to {method} {path}"),
+        action: None,
     });
     let code = match reply.error.as_str() {
         wire::code::UNKNOWN_CLIENT => exit::UNKNOWN_CLIENT,
@@ -372,7 +428,23 @@ fn call<T: DeserializeOwned>(
         wire::code::SERVER_ERROR => exit::SERVER_ERROR,
         _ => exit::ERROR,
     };
-    Err(Failure::new(code, reply.message))
+    let message = match reply.action {
+        // A mail client shows this line to its user: it must say what to do.
+        Some(action) => format!(
+            "{}\nTo authorize, {} (before {}).",
+            reply.message,
+            action.instructions(),
+            clock_time(action.expires_at)
+        ),
+        None => reply.message,
+    };
+    Err(Failure::new(code, message))
+}
+
+/// A Unix-millisecond time as the user's local wall clock would mostly show it (UTC, RFC 3339).
+fn clock_time(ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 /// HTTP/1.1 over the Unix socket; returns the status and body.

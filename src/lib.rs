@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod device;
 pub mod notify;
 pub mod oauth;
 pub mod provider;

@@ -1,11 +1,15 @@
 //! Notification hooks: the commands the user configured for events (`notify.on_reauth_needed`...).
 //!
-//! A hook runs without a shell (argv as written), with `{client}`, `{event}`, `{error}` and
-//! `{url}` substituted in its arguments and the same values in `OAUTH2MCI_*` environment
-//! variables; it never receives a token. It is killed after the configured timeout. Deciding *when*
-//! to notify (once per incident) is the caller's job; this module only runs and reports.
+//! A hook runs without a shell (argv as written), with `{client}`, `{event}`, `{error}` (also
+//! `{reason}`), `{url}`, `{user_code}`, `{verification_uri}`, `{provider}` and `{failures}`
+//! substituted in its arguments and every field in an `OAUTH2MCI_*` environment variable. The
+//! access token travels only in `OAUTH2MCI_ACCESS_TOKEN` of a refresh event, and only for a
+//! client that opts in (`notify_token: true`), never in argv (which `ps` shows to everyone).
+//! A hook still running after the configured timeout is killed. Deciding *when* to notify
+//! (once per incident, repeats) is the registry's job; this module only runs and reports.
 
 use crate::config::NotifyConfig;
+use crate::secret::Secret;
 use std::process::Stdio;
 use std::time::Duration;
 use tokio_util::task::TaskTracker;
@@ -41,23 +45,50 @@ impl Kind {
     }
 }
 
+/// One event, as a hook sees it. Empty strings are fields that do not apply.
 #[derive(Debug, Clone)]
 pub struct Notice {
     pub kind: Kind,
     pub client: String,
+    pub provider: String,
+    /// The reason or error, one line.
     pub error: String,
+    /// Where the user goes: an authorization URL, or the device verification URI.
     pub url: String,
+    pub user_code: String,
+    pub verification_uri: String,
+    /// Consecutive failed attempts (error events).
+    pub failures: u32,
+    /// When the access token expires, Unix seconds (refresh events).
+    pub expires_at: Option<i64>,
+    /// Only for refresh events of clients with `notify_token: true`.
+    pub access_token: Option<Secret>,
 }
 
 impl Notice {
-    /// A notice without a URL (only authorization notices carry one).
     pub fn new(kind: Kind, client: &str, error: &str) -> Notice {
         Notice {
             kind,
             client: client.to_string(),
+            provider: String::new(),
             error: error.to_string(),
             url: String::new(),
+            user_code: String::new(),
+            verification_uri: String::new(),
+            failures: 0,
+            expires_at: None,
+            access_token: None,
         }
+    }
+
+    /// Where the user should go, from a started authorization.
+    pub fn with_action(mut self, action: Option<&crate::wire::AuthorizeReply>) -> Notice {
+        if let Some(a) = action {
+            self.url = a.url.clone();
+            self.user_code = a.user_code.clone().unwrap_or_default();
+            self.verification_uri = a.verification_uri.clone().unwrap_or_default();
+        }
+        self
     }
 }
 
@@ -78,7 +109,34 @@ fn substitute(arg: &str, n: &Notice) -> String {
     arg.replace("{client}", &n.client)
         .replace("{event}", n.kind.name())
         .replace("{error}", &n.error)
+        .replace("{reason}", &n.error)
         .replace("{url}", &n.url)
+        .replace("{user_code}", &n.user_code)
+        .replace("{verification_uri}", &n.verification_uri)
+        .replace("{provider}", &n.provider)
+        .replace("{failures}", &n.failures.to_string())
+}
+
+fn environment(n: &Notice) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("OAUTH2MCI_EVENT", n.kind.name().to_string()),
+        ("OAUTH2MCI_CLIENT", n.client.clone()),
+        ("OAUTH2MCI_PROVIDER", n.provider.clone()),
+        ("OAUTH2MCI_ERROR", n.error.clone()),
+        ("OAUTH2MCI_REASON", n.error.clone()),
+        ("OAUTH2MCI_URL", n.url.clone()),
+        ("OAUTH2MCI_USER_CODE", n.user_code.clone()),
+        ("OAUTH2MCI_VERIFICATION_URI", n.verification_uri.clone()),
+        ("OAUTH2MCI_FAILURES", n.failures.to_string()),
+        (
+            "OAUTH2MCI_EXPIRES_AT",
+            n.expires_at.map(|t| t.to_string()).unwrap_or_default(),
+        ),
+    ];
+    if let Some(t) = &n.access_token {
+        env.push(("OAUTH2MCI_ACCESS_TOKEN", t.expose().to_string()));
+    }
+    env
 }
 
 async fn run(argv: &[String], n: &Notice, timeout: Duration) -> Result<(), String> {
@@ -86,10 +144,7 @@ async fn run(argv: &[String], n: &Notice, timeout: Duration) -> Result<(), Strin
     let (program, rest) = args.split_first().ok_or("empty command")?;
     let mut child = tokio::process::Command::new(program)
         .args(rest)
-        .env("OAUTH2MCI_EVENT", n.kind.name())
-        .env("OAUTH2MCI_CLIENT", &n.client)
-        .env("OAUTH2MCI_ERROR", &n.error)
-        .env("OAUTH2MCI_URL", &n.url)
+        .envs(environment(n))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -122,12 +177,10 @@ mod tests {
     use super::*;
 
     fn notice() -> Notice {
-        Notice {
-            kind: Kind::ReauthNeeded,
-            client: "mail".into(),
-            error: "invalid_grant".into(),
-            url: "http://x".into(),
-        }
+        let mut n = Notice::new(Kind::ReauthNeeded, "mail", "invalid_grant");
+        n.url = "http://x".into();
+        n.user_code = "ABCD-EFGH".into();
+        n
     }
 
     #[tokio::test]
@@ -138,15 +191,16 @@ mod tests {
             "sh".to_string(),
             "-c".to_string(),
             format!(
-                "echo \"$0 $OAUTH2MCI_EVENT $OAUTH2MCI_ERROR\" > {}",
+                "echo \"$0 $1 $OAUTH2MCI_EVENT $OAUTH2MCI_ERROR $OAUTH2MCI_USER_CODE ${{OAUTH2MCI_ACCESS_TOKEN-none}}\" > {}",
                 out.display()
             ),
             "{client}".to_string(),
+            "{url}".to_string(),
         ];
         run(&argv, &notice(), Duration::from_secs(5)).await.unwrap();
         assert_eq!(
             std::fs::read_to_string(&out).unwrap(),
-            "mail reauth_needed invalid_grant\n"
+            "mail http://x reauth_needed invalid_grant ABCD-EFGH none\n"
         );
     }
 

@@ -64,7 +64,7 @@ impl GrantError {
         }
     }
 
-    fn transient(message: String) -> Self {
+    pub fn transient(message: String) -> Self {
         GrantError {
             class: ErrorClass::Transient,
             code: None,
@@ -93,12 +93,16 @@ pub struct Pkce {
 impl Pkce {
     pub fn new() -> Pkce {
         // 32 random bytes give the 43-character verifier RFC 7636 section 4.1 recommends.
-        let verifier = random_token(32);
-        let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
+        let verifier = Secret::new(random_token(32));
         Pkce {
-            verifier: Secret::new(verifier),
-            challenge,
+            challenge: Pkce::challenge_of(&verifier),
+            verifier,
         }
+    }
+
+    /// The S256 challenge of a verifier.
+    pub fn challenge_of(verifier: &Secret) -> String {
+        URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.expose().as_bytes()))
     }
 }
 
@@ -143,6 +147,9 @@ pub fn authorize_url(
     Some(url)
 }
 
+pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+
 /// One grant request to the token endpoint.
 pub enum Grant<'a> {
     /// Authorization code exchange (RFC 6749 section 4.1.3).
@@ -157,6 +164,10 @@ pub enum Grant<'a> {
     Exchange { access_token: &'a Secret },
     /// Client credentials (RFC 6749 section 4.4).
     ClientCredentials,
+    /// The device code the user approved, or is about to (RFC 8628 section 3.4).
+    DeviceCode { device_code: &'a Secret },
+    /// A signed JWT as the grant (RFC 7523 section 2.1).
+    JwtBearer { assertion: String },
 }
 
 impl Grant<'_> {
@@ -166,6 +177,8 @@ impl Grant<'_> {
             Grant::Refresh { .. } => "refresh_token",
             Grant::Exchange { .. } => "fb_exchange_token",
             Grant::ClientCredentials => "client_credentials",
+            Grant::DeviceCode { .. } => DEVICE_CODE_GRANT,
+            Grant::JwtBearer { .. } => JWT_BEARER_GRANT,
         }
     }
 }
@@ -232,7 +245,7 @@ impl Engine {
             redirect_uri,
             verifier,
         };
-        let mut token = self.grant(client, grant).await?;
+        let mut token = self.token(client, grant).await?;
         for field in &client.profile.callback_fields {
             if let Some(v) = callback.get(field) {
                 token.extra.insert(field.clone(), Value::String(v.clone()));
@@ -249,15 +262,72 @@ impl Engine {
         now: i64,
     ) -> Result<TokenSet, GrantError> {
         let grant = renewal_grant(client, old, now)?;
-        let token = self.grant(client, grant).await?;
+        let token = self.token(client, grant).await?;
         Ok(token.carry_over(old, client.profile.keep_refresh_token))
     }
 
-    pub async fn client_credentials(&self, client: &ClientConfig) -> Result<TokenSet, GrantError> {
-        self.grant(client, Grant::ClientCredentials).await
+    /// A token for a client that needs no user: its own credentials, or a signed assertion.
+    pub async fn unattended(
+        &self,
+        client: &ClientConfig,
+        _now: i64,
+    ) -> Result<TokenSet, GrantError> {
+        match client.grant {
+            crate::config::Grant::JwtBearer => Err(GrantError::config(
+                "the jwt_bearer grant is not available yet".into(),
+            )),
+            _ => self.token(client, Grant::ClientCredentials).await,
+        }
     }
 
-    async fn grant(&self, client: &ClientConfig, grant: Grant<'_>) -> Result<TokenSet, GrantError> {
+    /// Asks a device authorization endpoint for a user code (RFC 8628 section 3.1): a form with
+    /// the client's credentials, as for the token endpoint, and the scope.
+    pub async fn device_authorization(
+        &self,
+        client: &ClientConfig,
+        url: Url,
+    ) -> Result<Answer, GrantError> {
+        let mut params: Params = Vec::new();
+        if !client.scopes.is_empty() {
+            push(
+                &mut params,
+                &client.profile.scope_param,
+                client.scope_string(),
+            );
+        }
+        let basic = authenticate(client, &mut params);
+        let shown = shown_url(&url);
+        let mut req = self
+            .http
+            .post(url)
+            .header(reqwest::header::ACCEPT, "application/json");
+        if let Some(secret) = basic {
+            req = with_basic(req, &client.client_id, secret);
+        }
+        let mut request = req.form(&params).build().map_err(|e| {
+            GrantError::config(format!(
+                "cannot build the device authorization request: {}",
+                http_error(e)
+            ))
+        })?;
+        set_headers(&mut request, client);
+        let resp = self.http.execute(request).await.map_err(|e| {
+            GrantError::transient(format!(
+                "cannot reach the device authorization endpoint {shown}: {}",
+                http_error(e)
+            ))
+        })?;
+        read_answer(resp).await.map_err(|m| {
+            GrantError::transient(format!("device authorization endpoint {shown}: {m}"))
+        })
+    }
+
+    /// Sends one grant request and reads the answer through the profile.
+    pub async fn token(
+        &self,
+        client: &ClientConfig,
+        grant: Grant<'_>,
+    ) -> Result<TokenSet, GrantError> {
         let request = token_request(&self.http, client, &grant)?;
         let url = request.url().clone();
         let shown = shown_url(&url);
@@ -293,13 +363,9 @@ impl Engine {
             &answer.content_type,
             &answer.body,
         );
-        match answer_error(&client.profile, &shown, &answer, fields.as_ref()) {
-            Some(mut e) => {
-                e.message = e
-                    .message
-                    .replacen("token endpoint", "revocation endpoint", 1);
-                Err(e)
-            }
+        let endpoint = format!("revocation endpoint {shown}");
+        match answer_error(&client.profile, &endpoint, &answer, fields.as_ref()) {
+            Some(e) => Err(e),
             None => Ok(()),
         }
     }
@@ -378,6 +444,15 @@ pub fn token_request(
             push(&mut params, "fb_exchange_token", access_token.expose());
         }
         Grant::ClientCredentials => {
+            if !client.scopes.is_empty() {
+                push(&mut params, "scope", client.scope_string());
+            }
+        }
+        Grant::DeviceCode { device_code } => {
+            push(&mut params, "device_code", device_code.expose());
+        }
+        Grant::JwtBearer { assertion } => {
+            push(&mut params, "assertion", assertion.as_str());
             if !client.scopes.is_empty() {
                 push(&mut params, "scope", client.scope_string());
             }
@@ -623,13 +698,28 @@ pub fn interpret(
     answer: &Answer,
     now: i64,
 ) -> Result<TokenSet, GrantError> {
+    let fields = checked_fields(profile, &format!("token endpoint {url}"), answer)?;
+    token_from_fields(profile, &fields, now).map_err(|m| {
+        GrantError::transient(format!(
+            "token endpoint {url}: {m}; the previous token stays in use"
+        ))
+    })
+}
+
+/// The fields of a successful answer, or the error it carries (classified), or why it cannot be
+/// read.
+pub fn checked_fields(
+    profile: &Profile,
+    endpoint: &str,
+    answer: &Answer,
+) -> Result<Map<String, Value>, GrantError> {
     let fields = parse_body(profile.response_format, &answer.content_type, &answer.body);
-    if let Some(e) = answer_error(profile, url, answer, fields.as_ref()) {
+    if let Some(e) = answer_error(profile, endpoint, answer, fields.as_ref()) {
         return Err(e);
     }
-    let Some(fields) = fields else {
-        return Err(GrantError::transient(format!(
-            "token endpoint {url} answered {} with a body that is not {} ({})",
+    fields.ok_or_else(|| {
+        GrantError::transient(format!(
+            "{endpoint} answered {} with a body that is not {} ({})",
             answer.status,
             match profile.response_format {
                 ResponseFormat::Auto => "JSON or a form",
@@ -637,11 +727,6 @@ pub fn interpret(
                 ResponseFormat::Form => "a form, as the profile expects",
             },
             describe_body(&answer.content_type, &answer.body)
-        )));
-    };
-    token_from_fields(profile, &fields, now).map_err(|m| {
-        GrantError::transient(format!(
-            "token endpoint {url}: {m}; the previous token stays in use"
         ))
     })
 }
@@ -650,7 +735,7 @@ pub fn interpret(
 /// GitHub and Reddit answer 200), or a false success flag (Slack). `None`: a success.
 fn answer_error(
     profile: &Profile,
-    url: &str,
+    endpoint: &str,
     answer: &Answer,
     fields: Option<&Map<String, Value>>,
 ) -> Option<GrantError> {
@@ -699,7 +784,7 @@ fn answer_error(
         (_, 401) => ErrorClass::Config,
         _ => ErrorClass::Transient,
     };
-    let mut message = format!("token endpoint {url} answered {status}");
+    let mut message = format!("{endpoint} answered {status}");
     match (&raw_code, &error_code, &description) {
         (Some(raw), Some(code), d) => {
             message.push(' ');

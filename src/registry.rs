@@ -6,15 +6,16 @@
 //! it shows in memory, and a token reaches its sinks only after that.
 
 use crate::config::{ClientConfig, Config, Grant, SinkConfig};
+use crate::device::{self, DeviceGrant};
 use crate::notify::{self, Kind, Notice};
 use crate::oauth::{self, Engine, ErrorClass, GrantError, Pkce};
-use crate::provider::RefreshMechanism;
+use crate::provider::{RefreshMechanism, Revocation};
 use crate::redirect::{self, Callback, Hub, PendingAuth};
 use crate::scheduler::{self, Scheduler};
 use crate::sink;
 use crate::store::{ClientRow, Event, PendingRow, Store, Stored, Write};
 use crate::token::{TokenSet, now_ms};
-use crate::wire::{self, AuthorizationOutcome, AuthorizeReply, ClientInfo};
+use crate::wire::{self, AuthorizationOutcome, AuthorizeReply, ClientInfo, RevokeReply};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,7 +74,12 @@ pub enum RegistryError {
     #[error("no client named {0:?} in the configuration")]
     UnknownClient(String),
     #[error("{client} needs authorization: {reason}")]
-    NeedsAuthorization { client: String, reason: String },
+    NeedsAuthorization {
+        client: String,
+        reason: String,
+        /// An authorization waiting for the user, when the daemon could start one.
+        action: Option<Box<AuthorizeReply>>,
+    },
     #[error("{client}: {message}")]
     Server { client: String, message: String },
     #[error("{0}")]
@@ -98,6 +104,15 @@ impl RegistryError {
             RegistryError::Internal(_) => wire::code::INTERNAL,
         }
     }
+}
+
+/// How the user authorizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// The authorization code grant, back through a loopback redirect.
+    Browser,
+    /// The device authorization grant: a code typed on another device.
+    Device,
 }
 
 /// What made a refresh happen; it decides whether a refresh that just finished is good enough.
@@ -125,9 +140,11 @@ struct ClientState {
     last_error: Option<String>,
     next_refresh_at: Option<i64>,
     removed_at: Option<i64>,
-    /// The user was told that only they can help; not again until the client recovers.
-    reauth_notified: bool,
-    error_notified: bool,
+    /// When the user was told that only they can help; not again until the client recovers,
+    /// or `notify.repeat` has passed.
+    reauth_notified_at: Option<i64>,
+    /// When the user was told that refreshes keep failing.
+    error_notified_at: Option<i64>,
     /// The grant end (a refresh token's known expiry) the user was warned about.
     warned_for: Option<i64>,
 }
@@ -144,8 +161,8 @@ impl ClientState {
         self.failures = 0;
         self.last_error = None;
         self.last_refresh_at = Some(now);
-        self.reauth_notified = false;
-        self.error_notified = false;
+        self.reauth_notified_at = None;
+        self.error_notified_at = None;
     }
 
     fn row(&self, name: &str) -> ClientRow {
@@ -171,6 +188,8 @@ pub struct Client {
     state: Mutex<ClientState>,
     flight: tokio::sync::Mutex<()>,
     authorization: watch::Sender<Option<AuthorizationOutcome>>,
+    /// The authorization waiting for the user, and how to stop its device polling.
+    pending: Mutex<Option<(AuthorizeReply, CancellationToken)>>,
 }
 
 impl Client {
@@ -189,6 +208,10 @@ impl Client {
     fn set_outcome(&self, outcome: AuthorizationOutcome) {
         self.authorization.send_replace(Some(outcome));
     }
+
+    fn pending(&self) -> MutexGuard<'_, Option<(AuthorizeReply, CancellationToken)>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Counters for `/metrics`.
@@ -204,6 +227,8 @@ pub struct Counters {
 }
 
 pub struct Registry {
+    /// Itself, for work that must outlive the caller (a notice that starts an authorization).
+    me: std::sync::Weak<Registry>,
     clients: RwLock<BTreeMap<Arc<str>, Arc<Client>>>,
     config: RwLock<Arc<Config>>,
     store: Store,
@@ -216,6 +241,8 @@ pub struct Registry {
     pub counters: Counters,
     /// Reloads come from SIGHUP, the file watcher and the API; one at a time.
     reload_lock: tokio::sync::Mutex<()>,
+    /// Authorizations started for the user (a notice, `token`) are started one at a time.
+    auto_authorize: tokio::sync::Mutex<()>,
     /// Bumped after each applied configuration, for those who follow it (cron jobs).
     versions: watch::Sender<u64>,
 }
@@ -240,7 +267,8 @@ impl Registry {
             now_ms,
             shutdown.clone(),
         );
-        let registry = Arc::new(Registry {
+        let registry = Arc::new_cyclic(|me| Registry {
+            me: me.clone(),
             clients: RwLock::new(BTreeMap::new()),
             config: RwLock::new(config.clone()),
             store,
@@ -252,6 +280,7 @@ impl Registry {
             shutdown,
             counters: Counters::default(),
             reload_lock: tokio::sync::Mutex::new(()),
+            auto_authorize: tokio::sync::Mutex::new(()),
             versions: watch::Sender::new(0),
         });
         registry.restore(&config, stored);
@@ -263,6 +292,7 @@ impl Registry {
                 driver.tasks.spawn(async move {
                     if let Some(client) = registry.client(&name) {
                         registry.warn_if_grant_ends_soon(&client).await;
+                        registry.remind_if_due(&client).await;
                         let due = client
                             .state()
                             .next_refresh_at
@@ -359,32 +389,26 @@ impl Registry {
     fn resume_authorizations(self: &Arc<Self>, pending: Vec<PendingRow>) {
         let now = now_ms();
         for row in pending {
-            let resumable = row.expires_at > now
-                && self.client(&row.client).is_some()
-                && Url::parse(&row.redirect_uri).is_ok();
-            if !resumable {
+            let client = self.client(&row.client).filter(|_| row.expires_at > now);
+            let Some(client) = client else {
                 self.forget_pending(row.state);
                 continue;
-            }
-            let Some(client) = self.client(&row.client) else {
-                continue;
             };
-            let Ok(uri) = Url::parse(&row.redirect_uri) else {
-                continue;
+            let cfg = client.config();
+            let resumed = match row.device.clone() {
+                Some(grant) => {
+                    let cancel = self.shutdown.child_token();
+                    let reply = device_reply(&row.state, &grant);
+                    *client.pending() = Some((reply, cancel.clone()));
+                    self.poll_device(&client, row.state.clone(), grant, cfg.fingerprint(), cancel);
+                    Ok(())
+                }
+                None => self.resume_browser(&client, &cfg, &row),
             };
-            let pending = PendingAuth {
-                client: client.name.clone(),
-                state: row.state.clone(),
-                verifier: row.pkce_verifier.clone(),
-                redirect_uri: uri.clone(),
-                fingerprint: client.config().fingerprint(),
-                expires_at: row.expires_at,
-            };
-            match self.redirects.register(self.clone(), &uri, pending) {
-                Ok(_) => {
-                    tracing::info!(client = %row.client, "waiting again for the browser to finish an authorization started before the restart");
+            match resumed {
+                Ok(()) => {
+                    tracing::info!(client = %row.client, "waiting again for the user to finish an authorization started before the restart");
                     client.set_outcome(outcome(&row.state, "pending", None, None));
-                    self.expire_later(&client, &row.state, row.expires_at);
                 }
                 Err(e) => {
                     tracing::warn!(client = %row.client, "an authorization started before the restart cannot continue: {e}");
@@ -392,6 +416,39 @@ impl Registry {
                 }
             }
         }
+    }
+
+    fn resume_browser(
+        self: &Arc<Self>,
+        client: &Arc<Client>,
+        cfg: &ClientConfig,
+        row: &PendingRow,
+    ) -> Result<(), String> {
+        let uri = Url::parse(&row.redirect_uri).map_err(|e| e.to_string())?;
+        let pending = PendingAuth {
+            client: client.name.clone(),
+            state: row.state.clone(),
+            verifier: row.pkce_verifier.clone(),
+            redirect_uri: uri.clone(),
+            fingerprint: cfg.fingerprint(),
+            expires_at: row.expires_at,
+        };
+        self.redirects.register(self.clone(), &uri, pending)?;
+        let challenge = row.pkce_verifier.as_ref().map(Pkce::challenge_of);
+        if let Some(url) = oauth::authorize_url(cfg, &uri, &row.state, challenge.as_deref()) {
+            let reply = AuthorizeReply {
+                method: "browser".into(),
+                url: url.to_string(),
+                state: row.state.clone(),
+                redirect_uri: Some(uri.to_string()),
+                user_code: None,
+                verification_uri: None,
+                expires_at: row.expires_at,
+            };
+            *client.pending() = Some((reply, CancellationToken::new()));
+        }
+        self.expire_later(client, &row.state, row.expires_at);
+        Ok(())
     }
 
     fn forget_pending(&self, state: String) {
@@ -493,7 +550,7 @@ impl Registry {
             if cfg.fingerprint() != old_cfg.fingerprint() {
                 if st.token.is_some()
                     && st.fingerprint != cfg.fingerprint()
-                    && cfg.grant == Grant::ClientCredentials
+                    && cfg.grant.unattended()
                 {
                     // No user needed: the next timer fetches a token for the new identity.
                     st.status = Status::Unauthorized;
@@ -588,10 +645,22 @@ impl Registry {
             },
             Status::Retrying => st.next_refresh_at.or_else(|| Some(now_ms())),
             // A client that needs no user gets its first token by itself.
-            Status::Unauthorized if cfg.grant == Grant::ClientCredentials => Some(now_ms()),
+            Status::Unauthorized if cfg.grant.unattended() => Some(now_ms()),
             _ => None,
         };
         st.next_refresh_at = at;
+        // The next reminder that the user is still needed.
+        let remind_at = match (
+            st.status,
+            st.reauth_notified_at,
+            self.config().notify.repeat,
+        ) {
+            (Status::NeedsReauth | Status::Unauthorized, Some(told), Some(every)) => {
+                Some(told + every.as_millis() as i64)
+            }
+            _ => None,
+        };
+        let warn_at = [warn_at, remind_at].into_iter().flatten().min();
         let at = [at, warn_at].into_iter().flatten().min();
         match at {
             Some(at) => self.scheduler.set(client.name.clone(), at),
@@ -637,7 +706,7 @@ impl Registry {
         if let Err(e) = self.store.commit(writes).await {
             tracing::error!(client = %client.name, "cannot record the warning: {e}");
         }
-        self.notify(Notice::new(Kind::Warning, &client.name, &message));
+        self.tell(client, self.notice(Kind::Warning, &cfg, &message));
     }
 
     pub fn config_versions(&self) -> watch::Receiver<u64> {
@@ -652,7 +721,7 @@ impl Registry {
         let cfg = client.config();
         let renewable = {
             let st = client.state();
-            cfg.grant == Grant::ClientCredentials || (st.status.has_grant() && servable(&st, &cfg))
+            cfg.grant.unattended() || (st.status.has_grant() && servable(&st, &cfg))
         };
         if renewable {
             let _ = self.refresh(&client, Trigger::Manual).await;
@@ -693,7 +762,17 @@ impl Registry {
                 return Ok(t.clone());
             }
         }
-        self.refresh(&client, Trigger::Demand(min_valid)).await
+        match self.refresh(&client, Trigger::Demand(min_valid)).await {
+            // The consumer (a mail client) shows this error to the user: say where to go.
+            Err(RegistryError::NeedsAuthorization {
+                client: c, reason, ..
+            }) => Err(RegistryError::NeedsAuthorization {
+                client: c,
+                reason,
+                action: self.user_action(&client).await.map(Box::new),
+            }),
+            other => other,
+        }
     }
 
     /// Runs one grant request for `client`, or joins the one in flight.
@@ -769,9 +848,15 @@ impl Registry {
         };
         let permit = self.endpoint_permit(&cfg).await;
         let result = match (cfg.grant, old) {
-            (Grant::ClientCredentials, _) => self.engine.client_credentials(&cfg).await,
-            (Grant::AuthorizationCode, Some(old)) => self.engine.refresh(&cfg, &old, now).await,
-            (Grant::AuthorizationCode, None) => Err(GrantError::needs_user("no token yet")),
+            (Grant::ClientCredentials | Grant::JwtBearer, _) => {
+                self.engine.unattended(&cfg, now).await
+            }
+            (Grant::AuthorizationCode | Grant::DeviceCode, Some(old)) => {
+                self.engine.refresh(&cfg, &old, now).await
+            }
+            (Grant::AuthorizationCode | Grant::DeviceCode, None) => {
+                Err(GrantError::needs_user("no token yet"))
+            }
         };
         drop(permit);
         match result {
@@ -791,11 +876,12 @@ impl Registry {
             Some(RegistryError::NeedsAuthorization {
                 client: name.to_string(),
                 reason,
+                action: None,
             })
         };
         match st.status {
             Status::Disabled => Some(RegistryError::UnknownClient(name.to_string())),
-            _ if cfg.grant == Grant::ClientCredentials => None,
+            _ if cfg.grant.unattended() => None,
             Status::NeedsReauth | Status::Revoked => needs(
                 st.reason
                     .clone()
@@ -873,9 +959,7 @@ impl Registry {
             st.take_token(token.clone(), generation, issued_for.fingerprint(), now);
             st.status = match (disabled, identity_changed) {
                 (true, _) => Status::Disabled,
-                (false, true) if now_config.grant == Grant::ClientCredentials => {
-                    Status::Unauthorized
-                }
+                (false, true) if now_config.grant.unattended() => Status::Unauthorized,
                 (false, true) => Status::NeedsReauth,
                 (false, false) => Status::Valid,
             };
@@ -894,6 +978,7 @@ impl Registry {
             return Err(RegistryError::NeedsAuthorization {
                 client: client.name.to_string(),
                 reason: "the configuration changed while the token was being obtained".into(),
+                action: None,
             });
         }
         if let Err(e) = committed {
@@ -910,7 +995,13 @@ impl Registry {
         // The sinks of now: a reload during the commit may have changed them.
         self.write_sinks(&client.name, client.config().sinks.clone(), token.clone())
             .await;
-        self.notify(Notice::new(Kind::Refreshed, &client.name, ""));
+        let cfg = client.config();
+        let mut notice = self.notice(Kind::Refreshed, &cfg, "");
+        notice.expires_at = token.expires_at.map(|ms| ms / 1000);
+        if cfg.notify_token {
+            notice.access_token = Some(token.access_token.clone());
+        }
+        self.tell(client, notice);
         Ok(token)
     }
 
@@ -923,6 +1014,8 @@ impl Registry {
         self.counters.refresh_failed.fetch_add(1, Ordering::Relaxed);
         let now = now_ms();
         let message = e.to_string();
+        let repeat = self.config().notify.repeat;
+        let error_after = self.config().notify.error_after;
         let (writes, notice, result) = {
             let mut st = client.state();
             let disabled = st.status == Status::Disabled;
@@ -936,19 +1029,21 @@ impl Registry {
                     };
                     st.reason = Some(message.clone());
                     st.next_refresh_at = None;
-                    let notice = (!st.reauth_notified)
-                        .then(|| Notice::new(Kind::ReauthNeeded, &client.name, &message));
-                    st.reauth_notified = true;
+                    let tell = time_to_tell(st.reauth_notified_at, repeat, now);
+                    if tell {
+                        st.reauth_notified_at = Some(now);
+                    }
                     tracing::warn!(client = %client.name, "needs authorization: {message}");
                     (
                         vec![
                             Write::Client(st.row(&client.name)),
                             event(&client.name, "needs_reauth", &message),
                         ],
-                        notice,
+                        tell.then(|| self.notice(Kind::ReauthNeeded, cfg, &message)),
                         RegistryError::NeedsAuthorization {
                             client: client.name.to_string(),
                             reason: message.clone(),
+                            action: None,
                         },
                     )
                 }
@@ -963,11 +1058,18 @@ impl Registry {
                     );
                     st.next_refresh_at = Some(now + delay.as_millis() as i64);
                     tracing::warn!(client = %client.name, failures = st.failures, retry_in = ?delay, "refresh failed: {message}");
-                    // Settings errors are worth telling at once; passing outages after a few tries.
-                    let tell = e.class == ErrorClass::Config || st.failures >= 3;
-                    let notice = (tell && !st.error_notified)
-                        .then(|| Notice::new(Kind::Error, &client.name, &message));
-                    st.error_notified |= tell;
+                    // Settings errors are worth telling at once; passing outages after a few
+                    // tries; either once per incident, or again after `notify.repeat`.
+                    let tell = (e.class == ErrorClass::Config || st.failures >= error_after)
+                        && time_to_tell(st.error_notified_at, repeat, now);
+                    if tell {
+                        st.error_notified_at = Some(now);
+                    }
+                    let notice = tell.then(|| {
+                        let mut n = self.notice(Kind::Error, cfg, &message);
+                        n.failures = st.failures;
+                        n
+                    });
                     (
                         vec![
                             Write::Client(st.row(&client.name)),
@@ -982,11 +1084,13 @@ impl Registry {
                 }
             };
             if disabled {
-                // Removed from the config while the request was out: stays removed.
+                // Removed from the config while the request was out: stays removed, untold.
                 st.status = Status::Disabled;
                 st.next_refresh_at = None;
+                (outcome.0, None, outcome.2)
+            } else {
+                outcome
             }
-            outcome
         };
         if let Err(err) = self.store.commit(writes).await {
             self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
@@ -994,9 +1098,58 @@ impl Registry {
         }
         self.schedule_from_state(client);
         if let Some(n) = notice {
-            self.notify(n);
+            self.tell(client, n);
         }
         result
+    }
+
+    /// A notice about `cfg`'s client, with the fields every event carries.
+    fn notice(&self, kind: Kind, cfg: &ClientConfig, message: &str) -> Notice {
+        let mut n = Notice::new(kind, &cfg.name, message);
+        n.provider = cfg.provider.clone();
+        n
+    }
+
+    /// Runs the hook for `notice`. A re-authorization notice first gets an authorization
+    /// started (or the one waiting), so that it can say where to go.
+    fn tell(&self, client: &Arc<Client>, notice: Notice) {
+        if notice.kind != Kind::ReauthNeeded {
+            notify::send(&self.config().notify, notice, &self.tasks);
+            return;
+        }
+        let Some(registry) = self.me.upgrade() else {
+            return;
+        };
+        let client = client.clone();
+        self.tasks.spawn(async move {
+            let action = registry.user_action(&client).await;
+            let notice = notice.with_action(action.as_ref());
+            notify::send(&registry.config().notify, notice, &registry.tasks);
+        });
+    }
+
+    /// Reminds the user, at `notify.repeat`, that a client still needs them.
+    async fn remind_if_due(&self, client: &Arc<Client>) {
+        let cfg = client.config();
+        let repeat = self.config().notify.repeat;
+        let now = now_ms();
+        let notice = {
+            let mut st = client.state();
+            let waiting = matches!(st.status, Status::NeedsReauth | Status::Unauthorized)
+                && st.reauth_notified_at.is_some();
+            if !waiting || !time_to_tell(st.reauth_notified_at, repeat, now) {
+                return;
+            }
+            st.reauth_notified_at = Some(now);
+            let reason = st.reason.clone().unwrap_or_else(|| "not authorized".into());
+            self.notice(
+                Kind::ReauthNeeded,
+                &cfg,
+                &format!("still waiting: {reason}"),
+            )
+        };
+        tracing::warn!(client = %client.name, "still needs authorization: {}", notice.error);
+        self.tell(client, notice);
     }
 
     async fn write_sinks(&self, name: &str, sinks: Vec<SinkConfig>, token: TokenSet) {
@@ -1042,25 +1195,104 @@ impl Registry {
         }
     }
 
-    fn notify(&self, notice: Notice) {
-        notify::send(&self.config().notify, notice, &self.tasks);
-    }
-
     // ---------------------------------------------------------------------------------------
     // Authorization (authorization code grant with a loopback redirect).
 
-    /// Starts an authorization: returns the URL for the user's browser.
-    pub async fn authorize(self: &Arc<Self>, name: &str) -> Result<AuthorizeReply, RegistryError> {
+    /// Starts an authorization: returns what the user must do (open a URL, or enter a code at
+    /// a page). `method` defaults to the client's grant: `device_code` clients use the device
+    /// flow, others the browser.
+    pub async fn authorize(
+        self: &Arc<Self>,
+        name: &str,
+        method: Option<Method>,
+    ) -> Result<AuthorizeReply, RegistryError> {
+        self.start_authorization(name, method, true).await
+    }
+
+    /// Starts an authorization; one started on the user's behalf (`asked: false`, for a notice
+    /// or `token`) leaves the client's status as it is: it is an offer, not a step taken.
+    async fn start_authorization(
+        self: &Arc<Self>,
+        name: &str,
+        method: Option<Method>,
+        asked: bool,
+    ) -> Result<AuthorizeReply, RegistryError> {
         let client = self.known(name)?;
         let cfg = client.config();
         if client.state().status == Status::Disabled {
             return Err(RegistryError::UnknownClient(name.to_string()));
         }
-        if cfg.grant != Grant::AuthorizationCode {
+        if cfg.grant.unattended() {
             return Err(RegistryError::NotSupported(format!(
-                "{name} uses the client_credentials grant: it needs no authorization, its tokens come by themselves"
+                "{name} uses the {} grant: it needs no authorization, its tokens come by themselves",
+                cfg.grant.as_str()
             )));
         }
+        let method = method.unwrap_or(match cfg.grant {
+            Grant::DeviceCode => Method::Device,
+            _ => Method::Browser,
+        });
+        let (reply, row, cancel) = match method {
+            Method::Browser => self.start_browser(&client, &cfg)?,
+            Method::Device => self.start_device(&client, &cfg).await?,
+        };
+        let state = reply.state.clone();
+        // One authorization per client at a time: a new one replaces those before (after it
+        // registered, so that a fixed port keeps its listener).
+        for superseded in self.redirects.cancel_client(&client.name, &state) {
+            self.forget_pending(superseded);
+        }
+        let before = client.pending().replace((reply.clone(), cancel.clone()));
+        if let Some((old, old_cancel)) = before {
+            old_cancel.cancel();
+            if old.state != state {
+                self.forget_pending(old.state);
+            }
+        }
+        let device = row.device.clone();
+        let writes = {
+            let mut st = client.state();
+            if asked && !st.status.has_grant() {
+                st.status = Status::Authorizing;
+            }
+            let how = if asked {
+                ""
+            } else {
+                ", for the user to finish"
+            };
+            vec![
+                Write::Pending(row),
+                Write::Client(st.row(name)),
+                event(
+                    name,
+                    "authorizing",
+                    &format!("authorization started ({}{how})", reply.method),
+                ),
+            ]
+        };
+        if let Err(e) = self.store.commit(writes).await {
+            self.redirects.take(&state);
+            cancel.cancel();
+            client.pending().take();
+            return Err(RegistryError::Internal(format!(
+                "cannot save the authorization: {e}"
+            )));
+        }
+        client.set_outcome(outcome(&state, "pending", None, None));
+        match device {
+            Some(grant) => self.poll_device(&client, state, grant, cfg.fingerprint(), cancel),
+            None => self.expire_later(&client, &state, reply.expires_at),
+        }
+        tracing::info!(client = %name, method = %reply.method, "authorization started: {}", reply.instructions());
+        Ok(reply)
+    }
+
+    /// Registers a loopback redirect and builds the authorization URL.
+    fn start_browser(
+        self: &Arc<Self>,
+        client: &Arc<Client>,
+        cfg: &ClientConfig,
+    ) -> Result<(AuthorizeReply, PendingRow, CancellationToken), RegistryError> {
         let requested = cfg
             .redirect_uri
             .clone()
@@ -1068,6 +1300,12 @@ impl Registry {
         let state = oauth::random_token(32);
         let pkce = cfg.pkce.then(Pkce::new);
         let expires_at = now_ms() + cfg.authorize_timeout.as_millis() as i64;
+        if cfg.endpoints.authorize.is_none() {
+            return Err(RegistryError::NotSupported(format!(
+                "{} has no authorization endpoint: use the device flow (--device) or set provider.authorize_url",
+                client.name
+            )));
+        }
         let pending = PendingAuth {
             client: client.name.clone(),
             state: state.clone(),
@@ -1080,56 +1318,150 @@ impl Registry {
             .redirects
             .register(self.clone(), &requested, pending)
             .map_err(RegistryError::BadRequest)?;
-        // One authorization per client at a time: a new one replaces those before (after it
-        // registered, so that a fixed port keeps its listener).
-        for superseded in self.redirects.cancel_client(&client.name, &state) {
-            self.forget_pending(superseded);
-        }
         let Some(url) = oauth::authorize_url(
-            &cfg,
+            cfg,
             &redirect_uri,
             &state,
             pkce.as_ref().map(|p| p.challenge.as_str()),
         ) else {
             self.redirects.take(&state);
             return Err(RegistryError::NotSupported(format!(
-                "{name} has no authorization endpoint"
+                "{} has no authorization endpoint",
+                client.name
             )));
         };
         let row = PendingRow {
             state: state.clone(),
-            client: name.to_string(),
+            client: client.name.to_string(),
             pkce_verifier: pkce.map(|p| p.verifier),
             redirect_uri: redirect_uri.to_string(),
             created_at: now_ms(),
             expires_at,
+            device: None,
         };
-        let writes = {
-            let mut st = client.state();
-            if !st.status.has_grant() {
-                st.status = Status::Authorizing;
-            }
-            vec![
-                Write::Pending(row),
-                Write::Client(st.row(name)),
-                event(name, "authorizing", "authorization started"),
-            ]
-        };
-        if let Err(e) = self.store.commit(writes).await {
-            self.redirects.take(&state);
-            return Err(RegistryError::Internal(format!(
-                "cannot save the authorization: {e}"
-            )));
-        }
-        client.set_outcome(outcome(&state, "pending", None, None));
-        self.expire_later(&client, &state, expires_at);
-        tracing::info!(client = %name, redirect_uri = %redirect_uri, "authorization started");
-        Ok(AuthorizeReply {
+        let reply = AuthorizeReply {
+            method: "browser".into(),
             url: url.to_string(),
             state,
-            redirect_uri: redirect_uri.to_string(),
+            redirect_uri: Some(redirect_uri.to_string()),
+            user_code: None,
+            verification_uri: None,
             expires_at,
-        })
+        };
+        Ok((reply, row, CancellationToken::new()))
+    }
+
+    /// Asks the server for a device code (RFC 8628); polling starts once it is saved.
+    async fn start_device(
+        &self,
+        client: &Arc<Client>,
+        cfg: &ClientConfig,
+    ) -> Result<(AuthorizeReply, PendingRow, CancellationToken), RegistryError> {
+        if cfg.endpoints.device_authorization.is_none() {
+            return Err(RegistryError::NotSupported(format!(
+                "provider {} has no device authorization endpoint: set provider.device_authorization_url, or authorize in a browser",
+                cfg.provider
+            )));
+        }
+        let permit = self.endpoint_permit(cfg).await;
+        let started = device::start(&self.engine, cfg).await;
+        drop(permit);
+        let grant = started.map_err(|e| RegistryError::Server {
+            client: client.name.to_string(),
+            message: format!("cannot start a device authorization: {e}"),
+        })?;
+        let state = oauth::random_token(16);
+        let reply = device_reply(&state, &grant);
+        let row = PendingRow {
+            state,
+            client: client.name.to_string(),
+            pkce_verifier: None,
+            redirect_uri: String::new(),
+            created_at: now_ms(),
+            expires_at: grant.expires_at,
+            device: Some(grant),
+        };
+        Ok((reply, row, self.shutdown.child_token()))
+    }
+
+    /// Polls for the device authorization `state` in a tracked task until it ends. A restart
+    /// (shutdown cancels the poll) leaves it saved, and the next start polls again.
+    fn poll_device(
+        self: &Arc<Self>,
+        client: &Arc<Client>,
+        state: String,
+        mut grant: DeviceGrant,
+        fingerprint: String,
+        cancel: CancellationToken,
+    ) {
+        let registry = self.clone();
+        let client = client.clone();
+        self.tasks.spawn(async move {
+            let cfg = client.config();
+            let polled = device::poll(&registry.engine, &cfg, &mut grant, &cancel).await;
+            if cancel.is_cancelled() {
+                // Superseded (the new one forgot this one) or shutting down (kept for later).
+                return;
+            }
+            let result = match polled {
+                Ok(token) => {
+                    registry
+                        .take_device_token(&client, &fingerprint, token)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            registry.finish_authorization(&client, &state, result).await;
+        });
+    }
+
+    async fn take_device_token(
+        &self,
+        client: &Arc<Client>,
+        fingerprint: &str,
+        token: TokenSet,
+    ) -> Result<(), (String, String)> {
+        let _flight = client.flight.lock().await;
+        let cfg = client.config();
+        if cfg.fingerprint() != fingerprint {
+            return Err((
+                "config_changed".into(),
+                "the client's configuration changed during the authorization; start again".into(),
+            ));
+        }
+        self.counters.authorizations.fetch_add(1, Ordering::Relaxed);
+        self.accept(client, &cfg, token, "authorized")
+            .await
+            .map(|_| ())
+            .map_err(|e| ("not_stored".into(), e.to_string()))
+    }
+
+    /// What the user must do for this client now: the authorization waiting for them, or one
+    /// started for the purpose (`auto_authorize`). `None` when there is nothing they can open.
+    pub async fn user_action(self: &Arc<Self>, client: &Arc<Client>) -> Option<AuthorizeReply> {
+        // Two consumers asking at once must get the same authorization, not replace each other's.
+        let _one_at_a_time = self.auto_authorize.lock().await;
+        let now = now_ms();
+        let waiting = client.pending().as_ref().map(|(reply, _)| reply.clone());
+        // A URL about to expire is not worth sending anyone to.
+        if let Some(reply) = waiting.filter(|r| r.expires_at > now + 60_000) {
+            return Some(reply);
+        }
+        let cfg = client.config();
+        let status = client.state().status;
+        if !cfg.auto_authorize
+            || cfg.grant.unattended()
+            || matches!(status, Status::Disabled | Status::Revoked)
+        {
+            return None;
+        }
+        match self.start_authorization(&client.name, None, false).await {
+            Ok(reply) => Some(reply),
+            Err(e) => {
+                tracing::warn!(client = %client.name, "cannot start an authorization for the user: {e}");
+                None
+            }
+        }
     }
 
     fn expire_later(self: &Arc<Self>, client: &Arc<Client>, state: &str, expires_at: i64) {
@@ -1259,6 +1591,12 @@ impl Registry {
         let mut writes = vec![Write::PendingDone {
             state: state.to_string(),
         }];
+        {
+            let mut pending = client.pending();
+            if pending.as_ref().is_some_and(|(r, _)| r.state == state) {
+                pending.take();
+            }
+        }
         match &result {
             Ok(()) => client.set_outcome(outcome(state, "done", None, None)),
             Err((error, message)) => {
@@ -1328,25 +1666,106 @@ impl Registry {
         }
     }
 
-    /// Forgets the client's tokens here (revocation at the server comes with issue #4).
+    /// Forgets the client's tokens here only (`DELETE /v1/clients/{name}/token`).
     pub async fn forget_token(&self, name: &str) -> Result<(), RegistryError> {
         let client = self.known(name)?;
         let _flight = client.flight.lock().await;
+        self.forget(&client, "forgotten", "tokens deleted on request")
+            .await
+    }
+
+    /// Revokes the client's grant at the server, then forgets it here and clears its token
+    /// files. When the server cannot revoke (no revocation in the profile, or it failed), the
+    /// tokens are kept unless `local` says to forget them anyway.
+    pub async fn revoke(&self, name: &str, local: bool) -> Result<RevokeReply, RegistryError> {
+        let client = self.known(name)?;
+        // The flight lock: a refresh in flight may be rotating the refresh token to revoke.
+        let _flight = client.flight.lock().await;
+        let cfg = client.config();
+        let token = client.state().token.clone();
+        let Some(token) = token else {
+            return Ok(RevokeReply {
+                client: name.to_string(),
+                revoked_at_server: false,
+                message: format!("{name} holds no tokens: nothing to revoke"),
+            });
+        };
+        let attempt = if cfg.profile.revocation == Revocation::None
+            || cfg.endpoints.revoke.is_none()
+        {
+            Err(format!(
+                "provider {} offers no token revocation; remove the app's access in your account settings at the provider",
+                cfg.provider
+            ))
+        } else {
+            let permit = self.endpoint_permit(&cfg).await;
+            let result = self.engine.revoke(&cfg, &token).await;
+            drop(permit);
+            result.map_err(|e| e.message)
+        };
+        match attempt {
+            Ok(()) => {
+                tracing::info!(client = %name, "revoked at the server");
+                self.forget(&client, "revoked", "revoked at the server on request")
+                    .await?;
+                Ok(RevokeReply {
+                    client: name.to_string(),
+                    revoked_at_server: true,
+                    message: format!(
+                        "{name}: revoked at the server; tokens and token files deleted"
+                    ),
+                })
+            }
+            Err(why) if local => {
+                tracing::warn!(client = %name, "not revoked at the server, forgetting locally as asked: {why}");
+                self.forget(
+                    &client,
+                    "forgotten",
+                    &format!("not revoked at the server ({why}); deleted locally on request"),
+                )
+                .await?;
+                Ok(RevokeReply {
+                    client: name.to_string(),
+                    revoked_at_server: false,
+                    message: format!(
+                        "{name}: NOT revoked at the server ({why}); tokens and token files deleted here only"
+                    ),
+                })
+            }
+            Err(why) => Err(RegistryError::Server {
+                client: name.to_string(),
+                message: format!(
+                    "not revoked: {why}; the tokens are kept (add --local to delete them here anyway)"
+                ),
+            }),
+        }
+    }
+
+    /// Drops the client's tokens: store first, then timer, pending authorizations and files.
+    /// The caller holds the flight lock.
+    async fn forget(
+        &self,
+        client: &Arc<Client>,
+        kind: &str,
+        detail: &str,
+    ) -> Result<(), RegistryError> {
+        let name = &*client.name;
         let writes = {
             let mut st = client.state();
             st.token = None;
             st.status = Status::Revoked;
             st.reason = Some(format!(
-                "tokens were deleted: run `oauth2mci authorize {name}`"
+                "{detail}: run `oauth2mci authorize {name}` to use it again"
             ));
             st.next_refresh_at = None;
+            st.failures = 0;
             vec![
                 Write::Client(st.row(name)),
                 Write::Token {
                     client: name.to_string(),
                     token: None,
                 },
-                event(name, "forgotten", "tokens deleted on request"),
+                event(name, kind, detail),
             ]
         };
         self.scheduler.remove(client.name.clone());
@@ -1387,8 +1806,8 @@ fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
         last_error: None,
         next_refresh_at: None,
         removed_at: None,
-        reauth_notified: false,
-        error_notified: false,
+        reauth_notified_at: None,
+        error_notified_at: None,
         warned_for: None,
     };
     if let Some(s) = stored {
@@ -1401,16 +1820,13 @@ fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
         st.status = Status::parse(&s.row.status).unwrap_or(Status::Unauthorized);
         // Only the user can change these; being told once per incident is enough, even
         // across restarts.
-        st.reauth_notified = matches!(st.status, Status::NeedsReauth);
+        st.reauth_notified_at = matches!(st.status, Status::NeedsReauth).then(now_ms);
         if let Some((token, generation)) = s.token {
             st.token = Some(token);
             st.generation = generation;
         }
         st.status = restored_status(&st, &cfg);
-        if st.token.is_some()
-            && st.fingerprint != fingerprint
-            && cfg.grant == Grant::ClientCredentials
-        {
+        if st.token.is_some() && st.fingerprint != fingerprint && cfg.grant.unattended() {
             st.status = Status::Unauthorized;
         } else if st.token.is_some() && st.fingerprint != fingerprint {
             st.status = Status::NeedsReauth;
@@ -1428,6 +1844,7 @@ fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
         state: Mutex::new(st),
         flight: tokio::sync::Mutex::new(()),
         authorization,
+        pending: Mutex::new(None),
     })
 }
 
@@ -1438,7 +1855,7 @@ fn restored_status(st: &ClientState, cfg: &ClientConfig) -> Status {
         (Status::NeedsReauth | Status::Revoked, _) => st.status,
         (Status::Retrying, Some(_)) => Status::Retrying,
         (_, Some(_)) => Status::Valid,
-        (Status::Retrying, None) if cfg.grant == Grant::ClientCredentials => Status::Retrying,
+        (Status::Retrying, None) if cfg.grant.unattended() => Status::Retrying,
         (_, None) => Status::Unauthorized,
     }
 }
@@ -1448,12 +1865,12 @@ fn servable(st: &ClientState, cfg: &ClientConfig) -> bool {
     st.token.is_some()
         && st.fingerprint == cfg.fingerprint()
         && !matches!(st.status, Status::Revoked | Status::Disabled)
-        && (st.status != Status::NeedsReauth || cfg.grant == Grant::ClientCredentials)
+        && (st.status != Status::NeedsReauth || cfg.grant.unattended())
 }
 
 /// Whether the daemon can get the next token without the user.
 fn can_renew(cfg: &ClientConfig, token: &TokenSet) -> bool {
-    cfg.grant == Grant::ClientCredentials
+    cfg.grant.unattended()
         || match cfg.profile.refresh_mechanism {
             RefreshMechanism::RefreshToken => token.refresh_token.is_some(),
             RefreshMechanism::FbExchangeToken => token.valid_for(now_ms(), Duration::ZERO),
@@ -1464,7 +1881,7 @@ fn can_renew(cfg: &ClientConfig, token: &TokenSet) -> bool {
 /// When only the user can continue this client's grant, when known; a client that needs no
 /// user has no such end.
 fn grant_end(cfg: &ClientConfig, token: &TokenSet) -> Option<i64> {
-    (cfg.grant != Grant::ClientCredentials)
+    (!cfg.grant.unattended())
         .then(|| scheduler::grant_end(token, &cfg.profile, can_renew(cfg, token)))
         .flatten()
 }
@@ -1474,6 +1891,16 @@ fn grant_end(cfg: &ClientConfig, token: &TokenSet) -> Option<i64> {
 fn warned(st: &ClientState, cfg: &ClientConfig, end: i64) -> bool {
     let window = cfg.refresh.warn_before.as_millis() as i64;
     st.warned_for.is_some_and(|w| (w - end).abs() <= window)
+}
+
+/// Whether an incident told at `told_at` (if ever) is to be told now: the first time, and again
+/// each `repeat` while it lasts.
+fn time_to_tell(told_at: Option<i64>, repeat: Option<Duration>, now: i64) -> bool {
+    match (told_at, repeat) {
+        (None, _) => true,
+        (Some(at), Some(every)) => now >= at + every.as_millis() as i64,
+        (Some(_), None) => false,
+    }
 }
 
 /// The status shown: a token that expired without a way to renew it needs the user.
@@ -1501,10 +1928,7 @@ fn info(c: &Client) -> ClientInfo {
     ClientInfo {
         name: c.name.to_string(),
         provider: cfg.provider.clone(),
-        grant: match cfg.grant {
-            Grant::AuthorizationCode => "authorization_code".into(),
-            Grant::ClientCredentials => "client_credentials".into(),
-        },
+        grant: cfg.grant.as_str().into(),
         status: status.as_str().into(),
         reason: st.reason.clone(),
         expires_at: token.and_then(|t| t.expires_at),
@@ -1533,6 +1957,21 @@ fn event(client: &str, kind: &str, detail: &str) -> Write {
         kind: kind.to_string(),
         detail: detail.to_string(),
     })
+}
+
+fn device_reply(state: &str, grant: &DeviceGrant) -> AuthorizeReply {
+    AuthorizeReply {
+        method: "device".into(),
+        url: grant
+            .verification_uri_complete
+            .clone()
+            .unwrap_or_else(|| grant.verification_uri.clone()),
+        state: state.to_string(),
+        redirect_uri: None,
+        user_code: Some(grant.user_code.clone()),
+        verification_uri: Some(grant.verification_uri.clone()),
+        expires_at: grant.expires_at,
+    }
 }
 
 fn outcome(

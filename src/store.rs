@@ -63,6 +63,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE tokens ADD COLUMN extra TEXT;
     ALTER TABLE tokens ADD COLUMN refresh_expiry_slides INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE clients ADD COLUMN warned_for INTEGER;",
+    // 3: a device authorization (RFC 8628) in progress goes on polling after a restart.
+    "ALTER TABLE pending_authorizations ADD COLUMN device TEXT;",
 ];
 
 /// Units waiting beyond this are left for the next transaction, so one commit stays short.
@@ -101,9 +103,12 @@ pub struct PendingRow {
     pub state: String,
     pub client: String,
     pub pkce_verifier: Option<Secret>,
+    /// The redirect URI; empty for a device authorization.
     pub redirect_uri: String,
     pub created_at: i64,
     pub expires_at: i64,
+    /// A device authorization's codes and polling interval.
+    pub device: Option<crate::device::DeviceGrant>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -201,7 +206,7 @@ impl Store {
     pub fn pending(&self) -> Result<Vec<PendingRow>, StoreError> {
         let conn = open_connection(&self.path, false)?;
         let mut stmt = conn
-            .prepare("SELECT state, client, pkce_verifier, redirect_uri, created_at, expires_at FROM pending_authorizations")
+            .prepare("SELECT state, client, pkce_verifier, redirect_uri, created_at, expires_at, device FROM pending_authorizations")
             .map_err(read_err)?;
         let rows = stmt
             .query_map([], |r| {
@@ -212,6 +217,10 @@ impl Store {
                     redirect_uri: r.get(3)?,
                     created_at: r.get(4)?,
                     expires_at: r.get(5)?,
+                    // A row this version cannot read is dropped like an expired one.
+                    device: r
+                        .get::<_, Option<String>>(6)?
+                        .and_then(|json| serde_json::from_str(&json).ok()),
                 })
             })
             .map_err(read_err)?;
@@ -407,8 +416,8 @@ fn apply_unit(conn: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
             }
             Write::Pending(p) => {
                 conn.prepare_cached(
-                    "INSERT OR REPLACE INTO pending_authorizations (state, client, pkce_verifier, redirect_uri, created_at, expires_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT OR REPLACE INTO pending_authorizations (state, client, pkce_verifier, redirect_uri, created_at, expires_at, device)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?
                 .execute(params![
                     p.state,
@@ -416,7 +425,10 @@ fn apply_unit(conn: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
                     p.pkce_verifier.as_ref().map(Secret::expose),
                     p.redirect_uri,
                     p.created_at,
-                    p.expires_at
+                    p.expires_at,
+                    p.device
+                        .as_ref()
+                        .and_then(|d| serde_json::to_string(d).ok())
                 ])?;
             }
             Write::PendingDone { state } => {

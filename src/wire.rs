@@ -59,13 +59,35 @@ pub struct TokenReply {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
-/// `POST /v1/clients/{name}/authorize`: where to send the user.
+/// `POST /v1/clients/{name}/authorize[?method=device]`: what the user must do. Also the
+/// `action` of a `needs_authorization` error, when the daemon could start one.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AuthorizeReply {
+    /// `browser` (authorization code) or `device` (RFC 8628).
+    pub method: String,
+    /// The page to open: the authorization URL, or the device verification page (with the code
+    /// in it when the server offers `verification_uri_complete`).
     pub url: String,
     pub state: String,
-    pub redirect_uri: String,
+    /// Where the browser comes back (browser method).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_uri: Option<String>,
+    /// The code the user types at `verification_uri` (device method).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification_uri: Option<String>,
     pub expires_at: i64,
+}
+
+impl AuthorizeReply {
+    /// What to tell the user, one line.
+    pub fn instructions(&self) -> String {
+        match (&self.user_code, &self.verification_uri) {
+            (Some(code), Some(page)) => format!("open {page} and enter the code {code}"),
+            _ => format!("open {}", self.url),
+        }
+    }
 }
 
 /// `GET /v1/clients/{name}/authorization`: how the latest authorization went.
@@ -78,6 +100,15 @@ pub struct AuthorizationOutcome {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// `POST /v1/clients/{name}/revoke[?local=true]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RevokeReply {
+    pub client: String,
+    /// False when the tokens were only forgotten here (`local`), or there were none.
+    pub revoked_at_server: bool,
+    pub message: String,
 }
 
 /// `POST /v1/reload`.
@@ -100,6 +131,10 @@ pub struct Health {
 pub struct ErrorReply {
     pub error: String,
     pub message: String,
+    /// For `needs_authorization`: an authorization the daemon started (or had waiting) for
+    /// the user to finish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<Box<AuthorizeReply>>,
 }
 
 /// Error codes of `ErrorReply::error` that callers act on.

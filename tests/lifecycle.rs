@@ -11,7 +11,7 @@ async fn authorize_refresh_restart_and_stop() {
     // Tokens live 10 s: the daemon must refresh them in time, and not much more often.
     let server = AuthServer::start(ServerOptions {
         access_token_ttl: 10,
-        rotate_refresh_token: true,
+        ..ServerOptions::default()
     });
     let sinks = "    sinks:\n      - { path: tokens/mail, format: raw }\n      - { path: tokens/mail.json, format: json }\n      - { path: tokens/mail.env, format: env }\n      - { path: tokens/mail.header, format: header }\n";
     let mut daemon = Daemon::start("", &server.client_yaml("mail", sinks));

@@ -45,6 +45,8 @@ fn a_stalled_connection_delays_nobody() {
 fn errors_are_json_with_fitting_statuses() {
     let daemon = Daemon::start("", CLIENTS);
     let cases = [
+        // Before the token request below, which starts an authorization for the user.
+        ("GET", "/v1/clients/a/authorization", 400, "bad_request"),
         ("GET", "/v1/nothing", 404, "not_found"),
         ("GET", "/v1/clients/zz", 404, "unknown_client"),
         ("GET", "/v1/clients/a/token", 409, "needs_authorization"),
@@ -56,7 +58,18 @@ fn errors_are_json_with_fitting_statuses() {
         ),
         ("GET", "/v1/clients/a/token?min_vaild=5", 400, "bad_request"),
         ("DELETE", "/v1/clients", 405, "bad_request"),
-        ("GET", "/v1/clients/a/authorization", 400, "bad_request"),
+        (
+            "POST",
+            "/v1/clients/a/authorize?method=carrier-pigeon",
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/clients/a/revoke?local=maybe",
+            400,
+            "bad_request",
+        ),
     ];
     for (method, path, status, code) in cases {
         let (s, body) = daemon.request(method, path).unwrap();

@@ -99,6 +99,12 @@ pub struct NotifyConfig {
     pub on_warning: Option<Vec<String>>,
     /// A hook still running after this is killed.
     pub timeout: Duration,
+    /// While an incident lasts (needs authorization, failing), tell again this often;
+    /// `None`: once per incident.
+    pub repeat: Option<Duration>,
+    /// `on_error` runs after this many consecutive failures that may pass by themselves
+    /// (network, 5xx); a configuration error is told at once.
+    pub error_after: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -129,6 +135,28 @@ pub enum Grant {
     AuthorizationCode,
     /// No user: the client's own credentials buy each token.
     ClientCredentials,
+    /// A user authorizes once by typing a code on another device (RFC 8628), for machines
+    /// without a browser; refresh tokens keep it going.
+    DeviceCode,
+    /// No user: a JWT signed with the client's key buys each token (RFC 7523 section 2.1,
+    /// Google service accounts).
+    JwtBearer,
+}
+
+impl Grant {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Grant::AuthorizationCode => "authorization_code",
+            Grant::ClientCredentials => "client_credentials",
+            Grant::DeviceCode => "device_code",
+            Grant::JwtBearer => "jwt_bearer",
+        }
+    }
+
+    /// Whether each token is bought without any user, so that the daemon never needs one.
+    pub fn unattended(self) -> bool {
+        matches!(self, Grant::ClientCredentials | Grant::JwtBearer)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -202,6 +230,11 @@ pub struct ClientConfig {
     pub sinks: Vec<SinkConfig>,
     /// A cron schedule that refreshes the token, for tokens without a known expiry.
     pub cron: Option<CronExpr>,
+    /// When only the user can help, start an authorization by itself, so that notices and
+    /// `oauth2mci token` can say where to go (the URL, or the device code).
+    pub auto_authorize: bool,
+    /// Refresh hooks get the access token in `OAUTH2MCI_ACCESS_TOKEN`.
+    pub notify_token: bool,
 }
 
 impl ClientConfig {
@@ -293,30 +326,30 @@ struct RawPaths {
 struct RawRefresh {
     before_expiry: Option<BeforeExpiry>,
     min_before_expiry: Option<Dur>,
-    at_least: Option<AtLeast>,
+    at_least: Option<OrNever>,
     jitter: Option<Percent>,
     retry: Option<RawRetry>,
     warn_before: Option<Dur>,
 }
 
-/// `at_least: 24h`, or `at_least: never`.
+/// A duration like `24h`, or `never` (`refresh.at_least`, `notify.repeat`).
 #[derive(Clone, Copy)]
-struct AtLeast(Option<Duration>);
+struct OrNever(Option<Duration>);
 
-impl<'de> Deserialize<'de> for AtLeast {
+impl<'de> Deserialize<'de> for OrNever {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl Visitor<'_> for V {
-            type Value = AtLeast;
+            type Value = OrNever;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a duration like 24h, or never")
             }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<AtLeast, E> {
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<OrNever, E> {
                 if s.trim() == "never" {
-                    return Ok(AtLeast(None));
+                    return Ok(OrNever(None));
                 }
                 values::parse_duration(s)
-                    .map(|d| AtLeast(Some(d)))
+                    .map(|d| OrNever(Some(d)))
                     .map_err(E::custom)
             }
         }
@@ -339,6 +372,8 @@ struct RawNotify {
     on_refresh: Option<Command>,
     on_warning: Option<Command>,
     timeout: Option<Dur>,
+    repeat: Option<OrNever>,
+    error_after: Option<Bounded<1, 1000>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -434,6 +469,8 @@ struct RawClient {
     #[serde(default)]
     sinks: Vec<RawSink>,
     cron: Option<CronExpr>,
+    auto_authorize: Option<bool>,
+    notify_token: Option<bool>,
     base_url: Option<NonEmpty>,
     tenant: Option<NonEmpty>,
     domain: Option<NonEmpty>,
@@ -610,6 +647,10 @@ mod defaults {
     pub const WARN_BEFORE: Duration = Duration::from_secs(3 * 24 * 3600);
     pub const AUTHORIZE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
     pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(30);
+    /// A reminder a day while only the user can help: enough to be seen, not enough to nag.
+    pub const NOTIFY_REPEAT: Duration = Duration::from_secs(24 * 3600);
+    /// Three failures in a row (about 35 s with the default backoff) is no longer a blip.
+    pub const NOTIFY_ERROR_AFTER: u32 = 3;
     pub const HISTORY_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
     pub const KEEP_REMOVED: Duration = Duration::from_secs(30 * 24 * 3600);
     /// Hourly, at a minute unlikely to collide with other hourly jobs.
@@ -775,7 +816,18 @@ impl Resolver<'_> {
             on_refresh: raw.notify.on_refresh.map(|c| c.0),
             on_warning: raw.notify.on_warning.map(|c| c.0),
             timeout: raw.notify.timeout.map_or(defaults::NOTIFY_TIMEOUT, |d| d.0),
+            repeat: raw
+                .notify
+                .repeat
+                .map_or(Some(defaults::NOTIFY_REPEAT), |r| r.0),
+            error_after: raw
+                .notify
+                .error_after
+                .map_or(defaults::NOTIFY_ERROR_AFTER, |b| b.0 as u32),
         };
+        if notify.repeat.is_some_and(|d| d < Duration::from_secs(60)) {
+            return Err(self.error(&["notify", "repeat"], "must be at least 1m, or never"));
+        }
         let history = HistoryConfig {
             retention: raw
                 .history
@@ -998,6 +1050,14 @@ impl Resolver<'_> {
                 "the authorization_code grant needs an authorization endpoint: set provider.authorize_url".into(),
             ));
         }
+        if rc.grant == Grant::DeviceCode && device_authorization.is_none() {
+            return Err(err(
+                &["provider"],
+                format!(
+                    "the device_code grant needs a device authorization endpoint, which provider {provider_label} does not have: set provider.device_authorization_url"
+                ),
+            ));
+        }
 
         let pkce = match (profile.pkce, rc.pkce) {
             (PkceMode::Required, Some(false)) => {
@@ -1044,7 +1104,7 @@ impl Resolver<'_> {
             None => profile.default_scopes.clone(),
         };
         for s in &profile.offline_scopes {
-            if rc.grant == Grant::AuthorizationCode && !scopes.contains(s) {
+            if !rc.grant.unattended() && !scopes.contains(s) {
                 scopes.push(s.clone());
             }
         }
@@ -1148,6 +1208,8 @@ impl Resolver<'_> {
             refresh,
             sinks,
             cron: rc.cron,
+            auto_authorize: rc.auto_authorize.unwrap_or(true),
+            notify_token: rc.notify_token.unwrap_or(false),
         })
     }
 

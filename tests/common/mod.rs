@@ -47,6 +47,8 @@ pub struct AuthServer {
 pub struct ServerOptions {
     pub access_token_ttl: u64,
     pub rotate_refresh_token: bool,
+    /// More clients (oidc-provider metadata) beside `app`.
+    pub extra_clients: Vec<serde_json::Value>,
 }
 
 impl Default for ServerOptions {
@@ -54,6 +56,7 @@ impl Default for ServerOptions {
         ServerOptions {
             access_token_ttl: 3600,
             rotate_refresh_token: true,
+            extra_clients: Vec::new(),
         }
     }
 }
@@ -65,13 +68,16 @@ impl AuthServer {
     pub fn start(options: ServerOptions) -> AuthServer {
         npm_ci();
         let dir = tempfile::tempdir().unwrap();
+        let mut clients = vec![serde_json::json!({
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "redirect_uris": ["http://127.0.0.1/callback"],
+            "token_endpoint_auth_method": "client_secret_basic",
+            "grant_types": ["authorization_code", "refresh_token", "urn:ietf:params:oauth:grant-type:device_code"],
+        })];
+        clients.extend(options.extra_clients);
         let config = serde_json::json!({
-            "clients": [{
-                "client_id": CLIENT_ID,
-                "client_secret": CLIENT_SECRET,
-                "redirect_uris": ["http://127.0.0.1/callback"],
-                "token_endpoint_auth_method": "client_secret_basic",
-            }],
+            "clients": clients,
             "access_token_ttl": options.access_token_ttl,
             "rotate_refresh_token": options.rotate_refresh_token,
             "exit_on_stdin_eof": true,
@@ -425,6 +431,58 @@ pub async fn browse(url: &str, consent: bool) -> (u16, String) {
         response = http.post(&action).form(&form).send().await.unwrap();
     }
     panic!("the authorization pages did not end");
+}
+
+/// The fields of the first form on a page: its action and its inputs (login "alice").
+fn first_form(body: &str) -> Option<(String, Vec<(String, String)>)> {
+    let form_at = body.find("<form")?;
+    let body = &body[form_at..];
+    let action = between(body, "action=\"", "\"")?;
+    let end = body.find("</form>").unwrap_or(body.len());
+    let mut form = Vec::new();
+    let mut rest = &body[..end];
+    while let Some(i) = rest.find("<input") {
+        rest = &rest[i + 6..];
+        let tag = &rest[..rest.find('>').unwrap_or(rest.len())];
+        if let Some(name) = between(tag, "name=\"", "\"") {
+            let value = match name.as_str() {
+                "login" => "alice".to_string(),
+                "password" => "pw".to_string(),
+                _ => between(tag, "value=\"", "\"").unwrap_or_default(),
+            };
+            form.push((name, value));
+        }
+    }
+    Some((action, form))
+}
+
+/// Plays the user of the device flow (RFC 8628) on oidc-provider's pages: opens
+/// `verification_uri_complete`, confirms the code, logs in and consents; with `consent: false`
+/// aborts at the login. Returns whether the server said "Sign-in Success".
+pub async fn enter_device_code(url: &str, consent: bool) -> bool {
+    let http = reqwest::Client::builder()
+        .cookie_store(true)
+        .build()
+        .unwrap();
+    let mut response = http.get(url).send().await.unwrap();
+    for _ in 0..10 {
+        let at = response.url().clone();
+        let body = response.text().await.unwrap();
+        if body.contains("Sign-in Success") {
+            return true;
+        }
+        if at.path().starts_with("/interaction/") && !consent {
+            let abort = format!("{}/abort", at.as_str().trim_end_matches('/'));
+            let _ = http.get(abort).send().await.unwrap().text().await;
+            return false;
+        }
+        let Some((action, form)) = first_form(&body) else {
+            return false;
+        };
+        let action = at.join(&action).unwrap();
+        response = http.post(action).form(&form).send().await.unwrap();
+    }
+    false
 }
 
 fn between(s: &str, start: &str, end: &str) -> Option<String> {

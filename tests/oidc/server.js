@@ -170,6 +170,7 @@ const provider = new Provider(issuer, {
     Interaction: 3600,
     Session: 14 * DAY,
     ClientCredentials: accessTokenTtl,
+    DeviceCode: config.device_code_ttl ?? 600,
     RefreshToken: refreshTokenTtl,
     // A grant must outlive its refresh tokens or they die with it.
     Grant: Math.max(refreshTokenTtl, 14 * DAY),
@@ -196,6 +197,7 @@ const provider = new Provider(issuer, {
     revocation: { enabled: true },
     introspection: { enabled: true },
     clientCredentials: { enabled: true },
+    deviceFlow: { enabled: true },
   },
 });
 
