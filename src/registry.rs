@@ -2002,3 +2002,19 @@ fn expected_issuer(cfg: &ClientConfig) -> Option<String> {
 fn trim_slash(s: &str) -> &str {
     s.trim_end_matches('/')
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_incident_is_told_once_then_at_each_repeat() {
+        let day = Some(Duration::from_secs(86_400));
+        assert!(time_to_tell(None, day, 0));
+        assert!(!time_to_tell(Some(1_000), day, 1_000 + 86_399_999));
+        assert!(time_to_tell(Some(1_000), day, 1_000 + 86_400_000));
+        // `repeat: never`: once.
+        assert!(time_to_tell(None, None, 0));
+        assert!(!time_to_tell(Some(0), None, i64::MAX / 2));
+    }
+}
