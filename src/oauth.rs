@@ -311,7 +311,7 @@ impl Engine {
             ))
         })?;
         set_headers(&mut request, client);
-        let resp = self.http.execute(request).await.map_err(|e| {
+        let resp = self.send(request).await.map_err(|e| {
             GrantError::transient(format!(
                 "cannot reach the device authorization endpoint {shown}: {}",
                 http_error(e)
@@ -331,7 +331,7 @@ impl Engine {
         let request = token_request(&self.http, client, &grant)?;
         let url = request.url().clone();
         let shown = shown_url(&url);
-        let resp = self.http.execute(request).await.map_err(|e| {
+        let resp = self.send(request).await.map_err(|e| {
             GrantError::transient(format!(
                 "cannot reach the token endpoint {shown}: {}",
                 http_error(e)
@@ -348,7 +348,7 @@ impl Engine {
         let request = revoke_request(&self.http, client, token)?;
         // The template, not the request's URL: `revocation: url` puts the token in the path.
         let shown = client.endpoints.revoke.clone().unwrap_or_default();
-        let resp = self.http.execute(request).await.map_err(|e| {
+        let resp = self.send(request).await.map_err(|e| {
             GrantError::transient(format!(
                 "cannot reach the revocation endpoint {shown}: {}",
                 http_error(e)
@@ -369,6 +369,53 @@ impl Engine {
             None => Ok(()),
         }
     }
+}
+
+impl Engine {
+    /// Sends a request; one that met a pooled connection the server had already closed is
+    /// sent once more on a new one. After a suspend (or any idle spell longer than the server's
+    /// keep-alive), the first request would otherwise fail and wait a whole backoff period.
+    async fn send(&self, request: reqwest::Request) -> Result<reqwest::Response, reqwest::Error> {
+        let again = request.try_clone();
+        match self.http.execute(request).await {
+            Err(e) if stale_connection(&e) => match again {
+                Some(again) => {
+                    tracing::debug!("a pooled connection was closed under us; sending again");
+                    self.http.execute(again).await
+                }
+                None => Err(e),
+            },
+            other => other,
+        }
+    }
+}
+
+/// Whether an error means the connection was dead before the server read the request: closed
+/// before any answer, or reset while writing. Timeouts are not: the server may be working on it.
+fn stale_connection(e: &reqwest::Error) -> bool {
+    if e.is_timeout() || e.is_connect() {
+        return false;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_canceled())
+        {
+            return true;
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+            )
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// A URL as shown in messages: without its query, which may carry a secret (Facebook's GET).

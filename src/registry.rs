@@ -260,11 +260,14 @@ impl Registry {
         let stored = store.load().map_err(|e| e.to_string())?;
         let pending = store.pending().map_err(|e| e.to_string())?;
         let (fire_tx, mut fire_rx) = tokio::sync::mpsc::unbounded_channel::<Arc<str>>();
+        let (jump_tx, mut jump_rx) = tokio::sync::mpsc::unbounded_channel::<i64>();
         let (scheduler, _driver) = Scheduler::start(
             move |name| {
                 let _ = fire_tx.send(name);
             },
-            now_ms,
+            move |jump| {
+                let _ = jump_tx.send(jump);
+            },
             shutdown.clone(),
         );
         let registry = Arc::new_cyclic(|me| Registry {
@@ -285,6 +288,12 @@ impl Registry {
         });
         registry.restore(&config, stored);
         registry.resume_authorizations(pending);
+        let follower = registry.clone();
+        tasks.spawn(async move {
+            while let Some(jump) = jump_rx.recv().await {
+                follower.clock_jumped(jump).await;
+            }
+        });
         let driver = registry.clone();
         tasks.spawn(async move {
             while let Some(name) = fire_rx.recv().await {
@@ -707,6 +716,39 @@ impl Registry {
             tracing::error!(client = %client.name, "cannot record the warning: {e}");
         }
         self.tell(client, self.notice(Kind::Warning, &cfg, &message));
+    }
+
+    /// The wall clock was set by `jump` ms. Token times were written in the old clock: they
+    /// move with it (in memory and in the store), and every timer is set again from them.
+    async fn clock_jumped(&self, jump: i64) {
+        let mut writes = Vec::new();
+        for client in self.all() {
+            {
+                let mut st = client.state();
+                st.next_refresh_at = st.next_refresh_at.map(|t| t + jump);
+                st.reauth_notified_at = st.reauth_notified_at.map(|t| t + jump);
+                st.error_notified_at = st.error_notified_at.map(|t| t + jump);
+                let generation = st.generation;
+                if let Some(token) = st.token.as_mut() {
+                    token.shift(jump);
+                    writes.push(Write::Token {
+                        client: client.name.to_string(),
+                        token: Some((token.clone(), generation)),
+                    });
+                }
+            }
+            self.schedule_from_state(&client);
+        }
+        writes.push(Write::Event(Event {
+            at: now_ms(),
+            client: None,
+            kind: "clock_jump".into(),
+            detail: format!("the wall clock was set by {jump} ms; token times moved with it"),
+        }));
+        if let Err(e) = self.store.commit(writes).await {
+            self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("cannot save token times after a clock change: {e}");
+        }
     }
 
     pub fn config_versions(&self) -> watch::Receiver<u64> {

@@ -4,8 +4,19 @@
 //! The math (`next_refresh`, `retry_delay`) is pure and takes the time as an argument, so it is
 //! tested with any clock. The driver is one task holding an ordered set of deadlines: idle, it
 //! sleeps until the earliest one, whatever the number of clients; nothing polls per client.
-//! Deadlines are wall-clock milliseconds, and no sleep lasts longer than `MAX_SLEEP`, so a
-//! machine that was suspended past a deadline fires it soon after waking up.
+//!
+//! Deadlines are wall-clock milliseconds, and time is not always kind to them:
+//! - A suspended machine: tokio's monotonic timers stop during suspend, so the driver also
+//!   arms a wall-clock alarm (a `CLOCK_REALTIME` timerfd) at the earliest deadline. It goes off
+//!   on resume when the deadline passed during the sleep. No sleep lasts longer than `MAX_SLEEP`
+//!   either, in case the alarm cannot be had.
+//! - A wall clock that is set (NTP's first sync on a machine with a wrong RTC, an admin's
+//!   `date -s`): the driver compares the wall clock with `CLOCK_BOOTTIME`, which counts suspend
+//!   but is never set. When they drift apart by more than `JUMP_THRESHOLD`, every deadline moves
+//!   by the jump and the caller is told, so that token times move too: a forward jump does not
+//!   make every token look expired at once (a refresh storm), and a backward jump does not
+//!   put refreshes off by as much (a missed refresh). The alarm's `TFD_TIMER_CANCEL_ON_SET`
+//!   wakes the driver as soon as the clock is set.
 
 use crate::config::{BeforeExpiry, RefreshPolicy};
 use crate::provider::{Profile, RefreshMechanism};
@@ -22,8 +33,13 @@ use tokio_util::sync::CancellationToken;
 pub const MIN_REFRESH_SPACING: Duration = Duration::from_secs(1);
 
 /// The longest the driver sleeps before looking at the wall clock again. Monotonic timers stop
-/// while the machine is suspended; this bounds how late a refresh can be after a resume.
+/// while the machine is suspended; this bounds how late a refresh can be after a resume, should
+/// the wall-clock alarm be unavailable.
 pub const MAX_SLEEP: Duration = Duration::from_secs(30);
+
+/// A wall clock that moved this much against the boot clock between two looks was set. NTP
+/// slews far less than this (at most 0.5 ms a second).
+pub const JUMP_THRESHOLD: Duration = Duration::from_secs(2);
 
 /// When to refresh `token`, obtained at `token.obtained_at`; `None`: never by time.
 ///
@@ -175,6 +191,60 @@ impl Timers {
     pub fn is_empty(&self) -> bool {
         self.by_name.is_empty()
     }
+
+    /// Moves every deadline by `delta` milliseconds (the wall clock was set).
+    pub fn shift(&mut self, delta: i64) {
+        let moved: Vec<(i64, Arc<str>)> = std::mem::take(&mut self.order)
+            .into_iter()
+            .map(|(at, name)| (at.saturating_add(delta), name))
+            .collect();
+        for (at, name) in moved {
+            self.by_name.insert(name.clone(), at);
+            self.order.insert((at, name));
+        }
+    }
+}
+
+/// The clocks the driver reads.
+pub trait Clock: Send + 'static {
+    /// The wall clock, Unix milliseconds: what deadlines are written in.
+    fn wall_ms(&self) -> i64;
+    /// A clock that counts suspended time but is never set (milliseconds, any origin).
+    fn boot_ms(&self) -> i64;
+}
+
+/// The machine's clocks.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn wall_ms(&self) -> i64 {
+        crate::token::now_ms()
+    }
+
+    fn boot_ms(&self) -> i64 {
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+            .map(|t| t.tv_sec() * 1000 + t.tv_nsec() / 1_000_000)
+            .unwrap_or_else(|_| crate::token::now_ms())
+    }
+}
+
+/// Tells a wall clock that was set from time that passed (including suspended time).
+#[derive(Default)]
+pub struct JumpDetector {
+    offset: Option<i64>,
+}
+
+impl JumpDetector {
+    /// The jump since the last look, in milliseconds, when the wall clock was set.
+    pub fn look(&mut self, wall_ms: i64, boot_ms: i64) -> Option<i64> {
+        let offset = wall_ms - boot_ms;
+        let jump = self
+            .offset
+            .map(|before| offset - before)
+            .filter(|d| d.unsigned_abs() >= JUMP_THRESHOLD.as_millis() as u64);
+        self.offset = Some(offset);
+        jump
+    }
 }
 
 enum Command {
@@ -189,14 +259,30 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the driver: `fire` is called with each client whose deadline has come.
+    /// Starts the driver on the machine's clocks: `fire` is called with each client whose
+    /// deadline has come, `jumped` with the size of each wall-clock jump (milliseconds, after
+    /// the deadlines moved by it).
     pub fn start(
         fire: impl Fn(Arc<str>) + Send + 'static,
-        now: impl Fn() -> i64 + Send + 'static,
+        jumped: impl Fn(i64) + Send + 'static,
+        shutdown: CancellationToken,
+    ) -> (Scheduler, tokio::task::JoinHandle<()>) {
+        let alarm = WallAlarm::new()
+            .map_err(|e| tracing::warn!("no wall-clock alarm ({e}): after a suspend, refreshes may come up to {MAX_SLEEP:?} late"))
+            .ok();
+        Scheduler::start_with(fire, jumped, SystemClock, alarm, shutdown)
+    }
+
+    /// Starts the driver on any clock (tests).
+    pub fn start_with(
+        fire: impl Fn(Arc<str>) + Send + 'static,
+        jumped: impl Fn(i64) + Send + 'static,
+        clock: impl Clock,
+        alarm: Option<WallAlarm>,
         shutdown: CancellationToken,
     ) -> (Scheduler, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(drive(rx, fire, now, shutdown));
+        let task = tokio::spawn(drive(rx, fire, jumped, clock, alarm, shutdown));
         (Scheduler { tx }, task)
     }
 
@@ -210,30 +296,146 @@ impl Scheduler {
     }
 }
 
+/// A `CLOCK_REALTIME` timerfd armed at an absolute wall-clock time, cancelled when the clock is
+/// set: it wakes the driver after a suspend and at a clock change.
+pub struct WallAlarm {
+    fd: tokio::io::unix::AsyncFd<TimerFdIo>,
+    armed_at: Option<i64>,
+}
+
+/// A timerfd as tokio's `AsyncFd` takes it.
+struct TimerFdIo(nix::sys::timerfd::TimerFd);
+
+impl std::os::fd::AsRawFd for TimerFdIo {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl WallAlarm {
+    pub fn new() -> std::io::Result<WallAlarm> {
+        use nix::sys::timerfd::{ClockId, TimerFd, TimerFlags};
+        let fd = TimerFd::new(
+            ClockId::CLOCK_REALTIME,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )?;
+        // SAFETY: TimerFdIo owns the timerfd and always returns that same open descriptor; it
+        // is closed only when the AsyncFd (and the TimerFdIo in it) is dropped.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                TimerFdIo(fd),
+                tokio::io::Interest::READABLE,
+            )
+        }
+        .map_err(|e| e.into_parts().1)?;
+        Ok(WallAlarm { fd, armed_at: None })
+    }
+
+    /// Arms the alarm at `at` (wall milliseconds); a far deadline still wakes at a clock change.
+    fn arm(&mut self, at: i64) {
+        use nix::sys::time::TimeSpec;
+        use nix::sys::timerfd::{Expiration, TimerSetTimeFlags};
+        if self.armed_at == Some(at) {
+            return;
+        }
+        let when = TimeSpec::from_duration(Duration::from_millis(at.max(1) as u64));
+        let flags =
+            TimerSetTimeFlags::TFD_TIMER_ABSTIME | TimerSetTimeFlags::TFD_TIMER_CANCEL_ON_SET;
+        match self.fd.get_ref().0.set(Expiration::OneShot(when), flags) {
+            Ok(()) => self.armed_at = Some(at),
+            Err(e) => tracing::debug!("cannot arm the wall-clock alarm: {e}"),
+        }
+    }
+
+    /// Waits until the alarm goes off or the clock is set.
+    async fn rings(&mut self) {
+        loop {
+            let Ok(mut guard) = self.fd.readable().await else {
+                return std::future::pending().await;
+            };
+            let read = guard.try_io(|fd| {
+                fd.get_ref().0.wait().map_err(|e| match e {
+                    nix::errno::Errno::EAGAIN => std::io::ErrorKind::WouldBlock.into(),
+                    other => std::io::Error::from(other),
+                })
+            });
+            match read {
+                // Gone off, or cancelled by a clock change: re-armed by the next round.
+                Ok(_) => {
+                    self.armed_at = None;
+                    return;
+                }
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+async fn ring(alarm: &mut Option<WallAlarm>) {
+    match alarm {
+        Some(a) => a.rings().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Looks at the clocks; after a jump, moves every deadline with it and says so.
+fn follow(
+    detector: &mut JumpDetector,
+    timers: &mut Timers,
+    clock: &impl Clock,
+    jumped: &impl Fn(i64),
+) {
+    if let Some(jump) = detector.look(clock.wall_ms(), clock.boot_ms()) {
+        tracing::warn!(
+            "the wall clock was set {} by {}: deadlines move with it",
+            if jump > 0 { "forward" } else { "back" },
+            humantime::format_duration(Duration::from_millis(jump.unsigned_abs()))
+        );
+        timers.shift(jump);
+        jumped(jump);
+    }
+}
+
 async fn drive(
     mut rx: mpsc::UnboundedReceiver<Command>,
     fire: impl Fn(Arc<str>),
-    now: impl Fn() -> i64,
+    jumped: impl Fn(i64),
+    clock: impl Clock,
+    mut alarm: Option<WallAlarm>,
     shutdown: CancellationToken,
 ) {
     let mut timers = Timers::default();
+    let mut detector = JumpDetector::default();
+    // Deadlines set before a jump are in the old clock and move with it; those set after are
+    // in the new one: so the clocks are looked at before each command is applied, too.
     loop {
-        let sleep = match timers.next_deadline() {
-            Some(at) => Duration::from_millis((at - now()).max(0) as u64).min(MAX_SLEEP),
+        follow(&mut detector, &mut timers, &clock, &jumped);
+        let now = clock.wall_ms();
+        for name in timers.pop_due(now) {
+            fire(name);
+        }
+        let next = timers.next_deadline();
+        let sleep = match next {
+            Some(at) => Duration::from_millis((at - now).max(0) as u64).min(MAX_SLEEP),
             None => MAX_SLEEP,
         };
+        if let Some(a) = alarm.as_mut() {
+            // Without a deadline, a far one: the alarm still hears of clock changes.
+            a.arm(next.unwrap_or(now + 365 * 86_400_000));
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            cmd = rx.recv() => match cmd {
-                Some(Command::Set(name, at)) => timers.set(name, at),
-                Some(Command::Remove(name)) => timers.remove(&name),
-                None => return,
-            },
-            _ = tokio::time::sleep(sleep) => {
-                for name in timers.pop_due(now()) {
-                    fire(name);
+            cmd = rx.recv() => {
+                follow(&mut detector, &mut timers, &clock, &jumped);
+                match cmd {
+                    Some(Command::Set(name, at)) => timers.set(name, at),
+                    Some(Command::Remove(name)) => timers.remove(&name),
+                    None => return,
                 }
             }
+            _ = tokio::time::sleep(sleep) => {}
+            _ = ring(&mut alarm) => {}
         }
     }
 }
@@ -418,11 +620,7 @@ mod tests {
     async fn the_driver_fires_due_clients() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let shutdown = CancellationToken::new();
-        let (s, task) = Scheduler::start(
-            move |n| drop(tx.send(n)),
-            crate::token::now_ms,
-            shutdown.clone(),
-        );
+        let (s, task) = Scheduler::start(move |n| drop(tx.send(n)), |_| {}, shutdown.clone());
         let now = crate::token::now_ms();
         s.set("late".into(), now + 200);
         s.set("soon".into(), now + 20);
@@ -432,5 +630,168 @@ mod tests {
         assert_eq!(&*rx.recv().await.unwrap(), "late");
         shutdown.cancel();
         task.await.unwrap();
+    }
+
+    #[test]
+    fn only_a_set_clock_is_a_jump() {
+        let mut d = JumpDetector::default();
+        assert_eq!(d.look(1_000_000, 5_000), None);
+        // Time passing (even a long suspend: the boot clock counts it) is no jump.
+        assert_eq!(d.look(1_000_000 + 3_600_000, 5_000 + 3_600_000), None);
+        // NTP's slewing is no jump either.
+        assert_eq!(d.look(4_600_000 + 1_500, 3_605_000 + 1_000), None);
+        assert_eq!(d.look(4_600_500 - 86_400_000, 3_606_000), Some(-86_401_000));
+    }
+
+    /// The machine's clocks, with the wall clock set and the machine suspended at will.
+    #[derive(Clone, Default)]
+    struct FakeClock {
+        wall_set: Arc<std::sync::atomic::AtomicI64>,
+        suspended: Arc<std::sync::atomic::AtomicI64>,
+    }
+
+    impl Clock for FakeClock {
+        fn wall_ms(&self) -> i64 {
+            use std::sync::atomic::Ordering::SeqCst;
+            crate::token::now_ms() + self.wall_set.load(SeqCst) + self.suspended.load(SeqCst)
+        }
+        fn boot_ms(&self) -> i64 {
+            crate::token::now_ms() + self.suspended.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    struct Driven {
+        clock: FakeClock,
+        scheduler: Scheduler,
+        fired: mpsc::UnboundedReceiver<Arc<str>>,
+        jumps: mpsc::UnboundedReceiver<i64>,
+        _stop: tokio_util::sync::DropGuard,
+    }
+
+    fn driven() -> Driven {
+        let clock = FakeClock::default();
+        let (tx, fired) = mpsc::unbounded_channel();
+        let (jtx, jumps) = mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let (scheduler, _) = Scheduler::start_with(
+            move |n| drop(tx.send(n)),
+            move |j| {
+                let _ = jtx.send(j);
+            },
+            clock.clone(),
+            None,
+            shutdown.clone(),
+        );
+        Driven {
+            clock,
+            scheduler,
+            fired,
+            jumps,
+            _stop: shutdown.drop_guard(),
+        }
+    }
+
+    impl Driven {
+        /// Sets two deadlines, 300 and 600 ms ahead on the fake wall clock, and lets the
+        /// driver take them (and a first look at the clocks) before the test moves time.
+        async fn two_deadlines(&self) {
+            let now = self.clock.wall_ms();
+            self.scheduler.set("a".into(), now + 300);
+            self.scheduler.set("b".into(), now + 600);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        /// Wakes the driver, as any command does.
+        fn poke(&self) {
+            let far = self.clock.wall_ms() + 86_400_000;
+            self.scheduler.set("poke".into(), far);
+        }
+
+        async fn next_fired(&mut self, within: Duration) -> Option<Arc<str>> {
+            tokio::time::timeout(within, self.fired.recv())
+                .await
+                .ok()
+                .flatten()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_clock_set_forward_moves_deadlines_instead_of_firing_them_all() {
+        let mut d = driven();
+        d.two_deadlines().await;
+        d.clock
+            .wall_set
+            .fetch_add(86_400_000, std::sync::atomic::Ordering::SeqCst);
+        d.poke();
+        let jump = d.jumps.recv().await.unwrap();
+        assert!((jump - 86_400_000).abs() < 100, "{jump}");
+        // No storm: nothing is due just because the clock says a day has passed.
+        assert_eq!(d.next_fired(Duration::from_millis(150)).await, None);
+        // Each deadline comes when its real time comes.
+        assert_eq!(
+            d.next_fired(Duration::from_secs(2)).await.as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            d.next_fired(Duration::from_secs(2)).await.as_deref(),
+            Some("b")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_clock_set_back_does_not_put_refreshes_off() {
+        let mut d = driven();
+        d.two_deadlines().await;
+        d.clock
+            .wall_set
+            .fetch_sub(86_400_000, std::sync::atomic::Ordering::SeqCst);
+        d.poke();
+        let jump = d.jumps.recv().await.unwrap();
+        assert!((jump + 86_400_000).abs() < 100, "{jump}");
+        // Not a day late: on time.
+        assert_eq!(
+            d.next_fired(Duration::from_secs(2)).await.as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            d.next_fired(Duration::from_secs(2)).await.as_deref(),
+            Some("b")
+        );
+    }
+
+    #[tokio::test]
+    async fn deadlines_passed_during_a_suspend_fire_at_once_on_wake() {
+        let mut d = driven();
+        d.two_deadlines().await;
+        // An hour of suspend: both clocks move on, which is no clock change.
+        d.clock
+            .suspended
+            .fetch_add(3_600_000, std::sync::atomic::Ordering::SeqCst);
+        d.poke();
+        assert_eq!(
+            d.next_fired(Duration::from_millis(100)).await.as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            d.next_fired(Duration::from_millis(100)).await.as_deref(),
+            Some("b")
+        );
+        assert!(
+            d.jumps.try_recv().is_err(),
+            "a suspend is not a clock change"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_wall_alarm_rings_at_its_wall_clock_time() {
+        let Ok(mut alarm) = WallAlarm::new() else {
+            return; // No timerfd here (not Linux): the driver falls back to MAX_SLEEP.
+        };
+        let at = crate::token::now_ms() + 100;
+        alarm.arm(at);
+        tokio::time::timeout(Duration::from_secs(2), alarm.rings())
+            .await
+            .expect("the alarm rings");
+        assert!(crate::token::now_ms() >= at);
     }
 }

@@ -41,6 +41,15 @@ impl TokenSet {
             .is_none_or(|left| left > min_valid.as_millis() as i64)
     }
 
+    /// Moves every time by `delta` ms: they were read on a wall clock that was then set.
+    pub fn shift(&mut self, delta: i64) {
+        let by = |t: i64| t.saturating_add(delta);
+        self.expires_at = self.expires_at.map(by);
+        self.refresh_expires_at = self.refresh_expires_at.map(by);
+        self.obtained_at = by(self.obtained_at);
+        self.granted_at = by(self.granted_at);
+    }
+
     /// The lifetime the server granted, when it gave one.
     pub fn lifetime(&self) -> Option<i64> {
         self.expires_at.map(|at| at - self.obtained_at)
