@@ -270,12 +270,20 @@ impl Engine {
     pub async fn unattended(
         &self,
         client: &ClientConfig,
-        _now: i64,
+        now: i64,
     ) -> Result<TokenSet, GrantError> {
-        match client.grant {
-            crate::config::Grant::JwtBearer => Err(GrantError::config(
-                "the jwt_bearer grant is not available yet".into(),
-            )),
+        match (client.grant, &client.jwt) {
+            (crate::config::Grant::JwtBearer, Some(jwt)) => {
+                let scope = (!client.scopes.is_empty()).then(|| client.scope_string());
+                let assertion = crate::jwt::grant_assertion(
+                    jwt,
+                    scope.as_deref(),
+                    client.endpoints.token.as_str(),
+                    now,
+                )
+                .map_err(|e| GrantError::config(format!("cannot sign the grant assertion: {e}")))?;
+                self.token(client, Grant::JwtBearer { assertion }).await
+            }
             _ => self.token(client, Grant::ClientCredentials).await,
         }
     }
@@ -295,7 +303,7 @@ impl Engine {
                 client.scope_string(),
             );
         }
-        let basic = authenticate(client, &mut params);
+        let basic = authenticate(client, &mut params, now_ms())?;
         let shown = shown_url(&url);
         let mut req = self
             .http
@@ -500,7 +508,7 @@ pub fn token_request(
         }
         Grant::JwtBearer { assertion } => {
             push(&mut params, "assertion", assertion.as_str());
-            if !client.scopes.is_empty() {
+            if !client.scopes.is_empty() && profile.jwt_scope_param {
                 push(&mut params, "scope", client.scope_string());
             }
         }
@@ -524,7 +532,11 @@ pub fn token_request(
         Grant::Refresh { .. } | Grant::Exchange { .. } => &client.endpoints.refresh,
         _ => &client.endpoints.token,
     };
-    let basic = authenticate(client, &mut params);
+    // The JWT bearer grant is its own proof; a client secret, if any, still authenticates.
+    let basic = match grant {
+        Grant::JwtBearer { .. } if client.client_secret.is_none() => None,
+        _ => authenticate(client, &mut params, now_ms())?,
+    };
     let mut url = url.clone();
     if profile.token_request == RequestEncoding::Query {
         url.query_pairs_mut().extend_pairs(&params);
@@ -548,26 +560,51 @@ pub fn token_request(
 }
 
 /// Puts the client's credentials where its authentication method says: the parameters get
-/// `client_id` (and the secret for `post`); the secret to send with HTTP Basic is returned.
-/// Never both places for the secret (Dropbox refuses that).
-fn authenticate<'c>(client: &'c ClientConfig, params: &mut Params) -> Option<&'c Secret> {
-    match (client.client_auth(), &client.client_secret) {
-        (ClientAuth::Basic, Some(secret)) => Some(secret),
-        (ClientAuth::BasicWithClientId, Some(secret)) => {
-            push(params, "client_id", &client.client_id);
-            Some(secret)
-        }
-        (ClientAuth::Post, Some(secret)) => {
-            push(params, "client_id", &client.client_id);
-            push(params, "client_secret", secret.expose());
-            None
-        }
-        _ => {
-            push(params, "client_id", &client.client_id);
-            None
-        }
-    }
+/// `client_id` (and the secret for `post`, or a signed assertion for `private_key_jwt`); the
+/// secret to send with HTTP Basic is returned. Never both places for the secret (Dropbox
+/// refuses that).
+fn authenticate<'c>(
+    client: &'c ClientConfig,
+    params: &mut Params,
+    now: i64,
+) -> Result<Option<&'c Secret>, GrantError> {
+    Ok(
+        match (client.client_auth(), &client.client_secret, &client.jwt) {
+            (ClientAuth::Basic, Some(secret), _) => Some(secret),
+            (ClientAuth::BasicWithClientId, Some(secret), _) => {
+                push(params, "client_id", &client.client_id);
+                Some(secret)
+            }
+            (ClientAuth::Post, Some(secret), _) => {
+                push(params, "client_id", &client.client_id);
+                push(params, "client_secret", secret.expose());
+                None
+            }
+            (ClientAuth::PrivateKeyJwt, _, Some(jwt)) => {
+                let assertion = crate::jwt::client_assertion(
+                    jwt,
+                    &client.client_id,
+                    client.endpoints.token.as_str(),
+                    now,
+                )
+                .map_err(|e| {
+                    GrantError::config(format!("cannot sign the client assertion: {e}"))
+                })?;
+                push(params, "client_id", &client.client_id);
+                push(params, "client_assertion_type", CLIENT_ASSERTION_TYPE);
+                push(params, "client_assertion", assertion);
+                None
+            }
+            _ => {
+                push(params, "client_id", &client.client_id);
+                None
+            }
+        },
+    )
 }
+
+/// RFC 7523 section 2.2.
+const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 /// RFC 6749 section 2.3.1: both parts are form-urlencoded before Basic encoding.
 fn with_basic(
@@ -636,7 +673,7 @@ pub fn revoke_request(
             let mut params: Params = Vec::new();
             push(&mut params, "token", value.expose());
             push(&mut params, "token_type_hint", hint);
-            if let Some(secret) = authenticate(client, &mut params) {
+            if let Some(secret) = authenticate(client, &mut params, now_ms())? {
                 req = with_basic(req, &client.client_id, secret);
             }
             match profile.revoke_request {

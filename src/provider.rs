@@ -25,6 +25,8 @@ pub enum ClientAuth {
     BasicWithClientId,
     /// A public client: only `client_id` in the parameters.
     None,
+    /// `private_key_jwt` (RFC 7523 section 2.2): a JWT signed with the client's key.
+    PrivateKeyJwt,
 }
 
 /// Whether the authorization request carries a PKCE challenge.
@@ -233,6 +235,9 @@ profile_fields! {
     client_auth: ClientAuth = ClientAuth::Basic;
     /// PKCE S256 use.
     pkce: PkceMode = PkceMode::Supported;
+    /// Whether a JWT bearer grant sends the scopes as a `scope` parameter too (RFC 7523);
+    /// they are always in the assertion's `scope` claim, where Google reads them.
+    jwt_scope_param: bool = true;
 
     // 7. Token request transport.
     /// Where the parameters of a token request go.

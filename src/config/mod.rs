@@ -9,6 +9,7 @@
 pub mod locate;
 pub mod values;
 
+use crate::jwt;
 use crate::provider::{self, ClientAuth, PkceMode, Profile, ProfileSpec};
 use crate::secret::Secret;
 use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
@@ -218,6 +219,9 @@ pub struct ClientConfig {
     pub grant: Grant,
     pub client_id: String,
     pub client_secret: Option<Secret>,
+    /// A private key and its claims: `private_key_jwt` client authentication, or the
+    /// assertion of the `jwt_bearer` grant.
+    pub jwt: Option<crate::jwt::JwtSettings>,
     pub scopes: Vec<String>,
     /// Whether the authorization request carries a PKCE S256 challenge.
     pub pkce: bool,
@@ -241,9 +245,11 @@ impl ClientConfig {
     /// The client authentication actually used: a profile's `basic`/`post` needs a secret, and a
     /// client without one is public.
     pub fn client_auth(&self) -> ClientAuth {
-        match self.client_secret {
-            None => ClientAuth::None,
-            Some(_) => self.profile.client_auth,
+        match (&self.jwt, &self.client_secret) {
+            // A key given for a JWT bearer grant signs the grant, not the client.
+            (Some(_), _) if self.grant != Grant::JwtBearer => ClientAuth::PrivateKeyJwt,
+            (_, None) => ClientAuth::None,
+            (_, Some(_)) => self.profile.client_auth,
         }
     }
 
@@ -272,6 +278,11 @@ impl ClientConfig {
         let mut scopes = self.scopes.clone();
         scopes.sort();
         let mut h = Sha256::new();
+        let subject = self
+            .jwt
+            .as_ref()
+            .and_then(|j| j.subject.clone())
+            .unwrap_or_default();
         for part in [
             &self.client_id,
             self.endpoints.token.as_str(),
@@ -279,6 +290,11 @@ impl ClientConfig {
         ] {
             h.update(part.as_bytes());
             h.update([0]);
+        }
+        // Only when set, so that fingerprints from before subjects existed stay the same.
+        if !subject.is_empty() {
+            h.update(b"sub\0");
+            h.update(subject.as_bytes());
         }
         h.update(format!("{:?}", self.grant).as_bytes());
         hex::encode(&h.finalize()[..8])
@@ -457,8 +473,14 @@ struct RawClient {
     provider: ProfileSpec,
     #[serde(default)]
     grant: Grant,
-    client_id: NonEmpty,
+    client_id: Option<NonEmpty>,
     client_secret: Option<SecretSource>,
+    private_key: Option<SecretSource>,
+    key_id: Option<NonEmpty>,
+    signing_alg: Option<crate::jwt::Alg>,
+    service_account_key: Option<SecretSource>,
+    subject: Option<NonEmpty>,
+    audience: Option<NonEmpty>,
     scopes: Option<Vec<NonEmpty>>,
     pkce: Option<bool>,
     redirect_uri: Option<NonEmpty>,
@@ -981,6 +1003,20 @@ impl Resolver<'_> {
             self.error(&refs, msg)
         };
 
+        let service_account = rc
+            .service_account_key
+            .map(|s| self.secret(s, &format!("clients.{name}.service_account_key")))
+            .transpose()
+            .and_then(|s| {
+                s.map(|s| jwt::ServiceAccount::parse(s.expose()))
+                    .transpose()
+            })
+            .map_err(|m| err(&["service_account_key"], m))?;
+        let client_id = match (&rc.client_id, &service_account) {
+            (Some(id), _) => id.0.clone(),
+            (None, Some(sa)) => sa.client_email.clone(),
+            (None, None) => return Err(err(&[], "missing field `client_id`".into())),
+        };
         let (provider_label, profile) = provider::resolve(&rc.provider).map_err(|e| match e {
             provider::ProfileError::Invalid { field, message }
                 if matches!(rc.provider, ProfileSpec::Layer(_)) =>
@@ -999,7 +1035,7 @@ impl Resolver<'_> {
         ]
         .into_iter()
         .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.0.clone())))
-        .chain([("client_id".to_string(), rc.client_id.0.clone())])
+        .chain([("client_id".to_string(), client_id.clone())])
         .collect();
         let endpoint =
             |template: &Option<String>, field: &'static str| -> Result<Option<Url>, ConfigError> {
@@ -1081,16 +1117,51 @@ impl Resolver<'_> {
             .map(|s| self.secret(s, &format!("clients.{name}.client_secret")))
             .transpose()
             .map_err(|m| err(&["client_secret"], m))?;
-        if client_secret.is_none() && rc.grant == Grant::ClientCredentials {
+        let jwt = self.jwt_settings(
+            &err,
+            &client_id,
+            rc.private_key,
+            service_account,
+            rc.signing_alg,
+            rc.key_id.map(|k| k.0),
+            rc.subject.map(|s| s.0),
+            rc.audience.map(|a| a.0),
+            name,
+        )?;
+        let proves_itself = client_secret.is_some() || jwt.is_some();
+        if jwt.is_some() && client_secret.is_some() && rc.grant != Grant::JwtBearer {
             return Err(err(
-                &["client_secret"],
-                "the client_credentials grant needs a client_secret".into(),
+                &["private_key"],
+                "a client authenticates with client_secret or with private_key, not both".into(),
             ));
         }
-        if client_secret.is_none() && !pkce && rc.grant == Grant::AuthorizationCode {
+        if rc.grant == Grant::JwtBearer && jwt.is_none() {
+            return Err(err(
+                &["grant"],
+                "the jwt_bearer grant signs its request: set private_key (and client_id) or service_account_key".into(),
+            ));
+        }
+        if !proves_itself && rc.grant == Grant::ClientCredentials {
+            return Err(err(
+                &["client_secret"],
+                "the client_credentials grant needs a client_secret or a private_key".into(),
+            ));
+        }
+        if !proves_itself && !pkce && rc.grant == Grant::AuthorizationCode {
             return Err(err(
                 &["client_id"],
-                "a client with neither client_secret nor PKCE cannot prove who it is; add one of them".into(),
+                "a client with neither client_secret, private_key nor PKCE cannot prove who it is; add one of them".into(),
+            ));
+        }
+        if profile.client_auth == ClientAuth::PrivateKeyJwt
+            && jwt.is_none()
+            && client_secret.is_some()
+        {
+            return Err(err(
+                &["client_secret"],
+                format!(
+                    "provider {provider_label} authenticates clients with a signed JWT: set private_key instead"
+                ),
             ));
         }
 
@@ -1196,7 +1267,8 @@ impl Resolver<'_> {
                 device_authorization,
             },
             grant: rc.grant,
-            client_id: rc.client_id.0,
+            client_id,
+            jwt,
             client_secret,
             scopes,
             pkce,
@@ -1211,6 +1283,64 @@ impl Resolver<'_> {
             auto_authorize: rc.auto_authorize.unwrap_or(true),
             notify_token: rc.notify_token.unwrap_or(false),
         })
+    }
+
+    /// The client's signing key and claims, from `private_key` or a service account file.
+    #[allow(clippy::too_many_arguments)]
+    fn jwt_settings(
+        &self,
+        err: &dyn Fn(&[&'static str], String) -> ConfigError,
+        client_id: &str,
+        private_key: Option<SecretSource>,
+        service_account: Option<jwt::ServiceAccount>,
+        alg: Option<jwt::Alg>,
+        key_id: Option<String>,
+        subject: Option<String>,
+        audience: Option<String>,
+        name: &str,
+    ) -> Result<Option<jwt::JwtSettings>, ConfigError> {
+        let (pem, kid, issuer, at) = match (private_key, service_account) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    &["private_key"],
+                    "give private_key or service_account_key, not both".into(),
+                ));
+            }
+            (Some(source), None) => {
+                let pem = self
+                    .secret(source, &format!("clients.{name}.private_key"))
+                    .map_err(|m| err(&["private_key"], m))?;
+                (pem, key_id, client_id.to_string(), "private_key")
+            }
+            (None, Some(sa)) => (
+                Secret::new(sa.private_key),
+                key_id.or(sa.private_key_id),
+                sa.client_email,
+                "service_account_key",
+            ),
+            (None, None) => {
+                let stray = [
+                    ("key_id", key_id.is_some()),
+                    ("signing_alg", alg.is_some()),
+                    ("subject", subject.is_some()),
+                    ("audience", audience.is_some()),
+                ];
+                if let Some((field, _)) = stray.iter().find(|(_, set)| *set) {
+                    return Err(err(
+                        &[field],
+                        format!("{field} only applies with a private_key or service_account_key"),
+                    ));
+                }
+                return Ok(None);
+            }
+        };
+        let key = jwt::SigningKey::load(pem, alg, kid).map_err(|m| err(&[at], m))?;
+        Ok(Some(jwt::JwtSettings {
+            key,
+            issuer,
+            subject,
+            audience,
+        }))
     }
 
     fn secret(&self, source: SecretSource, what: &str) -> Result<Secret, String> {

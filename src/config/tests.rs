@@ -136,7 +136,7 @@ fn bad_configs_are_refused_with_their_position() {
         (
             "clients:\n  a:\n    client_id: x\n    pkce: false\n    provider: {token_url: \"https://t/\", authorize_url: \"https://a/\"}\n",
             "3:16",
-            "neither client_secret nor PKCE",
+            "cannot prove who it is",
         ),
         (
             "clients:\n  a:\n    client_id: x\n    redirect_uri: https://example.com/cb\n    provider: {token_url: \"https://t/\", authorize_url: \"https://a/\"}\n",
@@ -279,4 +279,90 @@ fn identity_changes_change_the_fingerprint() {
 fn secrets_never_show_in_debug() {
     let c = parse_at(GOOD).unwrap();
     assert!(!format!("{c:?}").contains("s3cret"));
+}
+
+#[test]
+fn signing_keys_are_read_and_checked_at_load() {
+    let key = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/rsa.pem");
+    let base = "clients:\n  a:\n    provider: {token_url: \"https://as.example/token\", authorize_url: \"https://as.example/auth\"}\n";
+    let ok = parse_at(&format!(
+        "{base}    grant: client_credentials\n    client_id: x\n    private_key: {{file: {key}}}\n    key_id: k1\n"
+    ))
+    .unwrap();
+    let a = &ok.clients["a"];
+    assert_eq!(a.client_auth(), ClientAuth::PrivateKeyJwt);
+    assert_eq!(a.jwt.as_ref().unwrap().key.kid.as_deref(), Some("k1"));
+    assert!(!format!("{ok:?}").contains("PRIVATE KEY"));
+
+    // A service account names the client; its key signs the grant.
+    let dir = tempfile::tempdir().unwrap();
+    let sa = dir.path().join("sa.json");
+    let pem = std::fs::read_to_string(key).unwrap();
+    std::fs::write(
+        &sa,
+        serde_json::json!({"type": "service_account", "client_email": "sa@p.iam", "private_key": pem, "private_key_id": "abc"}).to_string(),
+    )
+    .unwrap();
+    let google = parse_at(&format!(
+        "clients:\n  g:\n    provider: google-service-account\n    grant: jwt_bearer\n    service_account_key: {{file: {}}}\n    scopes: [s]\n    subject: alice@example.com\n",
+        sa.display()
+    ))
+    .unwrap();
+    let g = &google.clients["g"];
+    assert_eq!(g.client_id, "sa@p.iam");
+    assert_eq!(g.jwt.as_ref().unwrap().key.kid.as_deref(), Some("abc"));
+    assert_eq!(g.client_auth(), ClientAuth::None);
+
+    let cases = [
+        (
+            format!("{base}    grant: jwt_bearer\n    client_id: x\n"),
+            "4:12",
+            "signs its request",
+        ),
+        (
+            format!("{base}    client_id: x\n    private_key: {{file: /nonexistent/k.pem}}\n"),
+            "5:18",
+            "cannot read /nonexistent/k.pem",
+        ),
+        (
+            format!("{base}    client_id: x\n    private_key: not a key\n"),
+            "5:18",
+            "not a PEM private key",
+        ),
+        (
+            format!("{base}    client_id: x\n    client_secret: s\n    subject: bob\n"),
+            "6:14",
+            "only applies with a private_key",
+        ),
+        (
+            format!(
+                "{base}    client_id: x\n    client_secret: s\n    private_key: {{file: {key}}}\n"
+            ),
+            "6:18",
+            "not both",
+        ),
+        (
+            format!("{base}    grant: jwt_bearer\n    service_account_key: \"{{}}\"\n"),
+            "5:26",
+            "not a service account key",
+        ),
+        (
+            format!(
+                "{base}    client_id: x\n    private_key: {{file: {key}}}\n    signing_alg: ES256\n"
+            ),
+            "5:18",
+            "does not fit",
+        ),
+    ];
+    for (src, position, fragment) in cases {
+        let shown = match parse_at(&src) {
+            Ok(_) => "accepted".to_string(),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            shown.starts_with(&format!("/etc/o/config.yaml:{position}: "))
+                && shown.contains(fragment),
+            "{src}\nexpected {position} {fragment:?}, got: {shown}"
+        );
+    }
 }
