@@ -28,6 +28,7 @@ async fn a_client_proves_itself_with_a_signed_assertion() {
             "redirect_uris": [],
             "response_types": [],
         })],
+        access_token_ttl: 4,
         ..ServerOptions::default()
     });
     let client = |name: &str, pem: &str| {
@@ -40,11 +41,20 @@ async fn a_client_proves_itself_with_a_signed_assertion() {
     };
     // The registered key, and a key the server does not know.
     let clients = format!(
-        "{}{}",
+        "{}    sinks: [{{path: svc}}]\n{}",
         client("svc", "rsa.pem"),
         client("impostor", "ec.pem")
     );
     let daemon = Daemon::start("", &clients);
+    // Fetched at start, and renewed before it expires with nobody asking (the client
+    // credentials grant needs no user, ever).
+    let sink = daemon.path("run/svc");
+    wait_for("the first token", Duration::from_secs(10), || sink.exists());
+    let first = std::fs::read_to_string(&sink).unwrap();
+    wait_for("a renewal", Duration::from_secs(10), || {
+        std::fs::read_to_string(&sink).is_ok_and(|t| t != first)
+    });
+    assert_eq!(daemon.client("svc")["status"], "valid");
     let o = daemon.cli(&["token", "svc"]);
     assert_eq!(
         o.status.code(),
