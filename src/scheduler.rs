@@ -713,50 +713,44 @@ mod tests {
                 .ok()
                 .flatten()
         }
+
+        /// Sets the wall clock by `by` ms; returns the jump the driver reported.
+        async fn set_wall_clock(&mut self, by: i64) -> i64 {
+            self.clock
+                .wall_set
+                .fetch_add(by, std::sync::atomic::Ordering::SeqCst);
+            self.poke();
+            self.jumps.recv().await.unwrap()
+        }
+
+        /// Both deadlines fire, in order, each within `within`.
+        async fn both_fire(&mut self, within: Duration) {
+            for name in ["a", "b"] {
+                assert_eq!(self.next_fired(within).await.as_deref(), Some(name));
+            }
+        }
     }
 
     #[tokio::test]
     async fn a_clock_set_forward_moves_deadlines_instead_of_firing_them_all() {
         let mut d = driven();
         d.two_deadlines().await;
-        d.clock
-            .wall_set
-            .fetch_add(86_400_000, std::sync::atomic::Ordering::SeqCst);
-        d.poke();
-        let jump = d.jumps.recv().await.unwrap();
+        let jump = d.set_wall_clock(86_400_000).await;
         assert!((jump - 86_400_000).abs() < 100, "{jump}");
         // No storm: nothing is due just because the clock says a day has passed.
         assert_eq!(d.next_fired(Duration::from_millis(150)).await, None);
         // Each deadline comes when its real time comes.
-        assert_eq!(
-            d.next_fired(Duration::from_secs(2)).await.as_deref(),
-            Some("a")
-        );
-        assert_eq!(
-            d.next_fired(Duration::from_secs(2)).await.as_deref(),
-            Some("b")
-        );
+        d.both_fire(Duration::from_secs(2)).await;
     }
 
     #[tokio::test]
     async fn a_clock_set_back_does_not_put_refreshes_off() {
         let mut d = driven();
         d.two_deadlines().await;
-        d.clock
-            .wall_set
-            .fetch_sub(86_400_000, std::sync::atomic::Ordering::SeqCst);
-        d.poke();
-        let jump = d.jumps.recv().await.unwrap();
+        let jump = d.set_wall_clock(-86_400_000).await;
         assert!((jump + 86_400_000).abs() < 100, "{jump}");
         // Not a day late: on time.
-        assert_eq!(
-            d.next_fired(Duration::from_secs(2)).await.as_deref(),
-            Some("a")
-        );
-        assert_eq!(
-            d.next_fired(Duration::from_secs(2)).await.as_deref(),
-            Some("b")
-        );
+        d.both_fire(Duration::from_secs(2)).await;
     }
 
     #[tokio::test]
@@ -768,14 +762,7 @@ mod tests {
             .suspended
             .fetch_add(3_600_000, std::sync::atomic::Ordering::SeqCst);
         d.poke();
-        assert_eq!(
-            d.next_fired(Duration::from_millis(100)).await.as_deref(),
-            Some("a")
-        );
-        assert_eq!(
-            d.next_fired(Duration::from_millis(100)).await.as_deref(),
-            Some("b")
-        );
+        d.both_fire(Duration::from_millis(100)).await;
         assert!(
             d.jumps.try_recv().is_err(),
             "a suspend is not a clock change"

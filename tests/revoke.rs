@@ -19,19 +19,9 @@ fn provider_block(server: &AuthServer, revoke_url: Option<&str>) -> String {
     )
 }
 
-/// Whether the server still takes `token` (oidc-provider's introspection, RFC 7662).
+/// Whether the server still takes `token`.
 async fn active(server: &AuthServer, token: &str) -> bool {
-    let answer: serde_json::Value = reqwest::Client::new()
-        .post(format!("{}/token/introspection", server.issuer))
-        .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
-        .form(&[("token", token)])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    answer["active"] == true
+    server.introspect(token).await["active"] == true
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

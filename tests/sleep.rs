@@ -8,19 +8,6 @@ use common::*;
 use nix::sys::signal::Signal;
 use std::time::{Duration, Instant};
 
-async fn introspect(server: &AuthServer, token: &str) -> serde_json::Value {
-    reqwest::Client::new()
-        .post(format!("{}/token/introspection", server.issuer))
-        .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
-        .form(&[("token", token)])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_woken_after_expiry_refreshes_at_once() {
     let server = AuthServer::start(ServerOptions {
@@ -38,7 +25,7 @@ async fn a_daemon_woken_after_expiry_refreshes_at_once() {
     daemon.signal(Signal::SIGSTOP);
     let refreshes = server.refreshes("success").await;
     tokio::time::sleep(Duration::from_secs(8)).await;
-    assert_eq!(introspect(&server, &before).await["active"], false);
+    assert_eq!(server.introspect(&before).await["active"], false);
     daemon.signal(Signal::SIGCONT);
     let woke = Instant::now();
 
@@ -47,7 +34,7 @@ async fn a_daemon_woken_after_expiry_refreshes_at_once() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let after = stdout(&o).trim().to_string();
     assert_ne!(after, before);
-    assert_eq!(introspect(&server, &after).await["active"], true);
+    assert_eq!(server.introspect(&after).await["active"], true);
     // And the scheduler caught up by itself, without waiting for anyone to ask.
     wait_for("the refresh on waking", Duration::from_secs(5), || {
         std::fs::read_to_string(daemon.path("run/mail")).is_ok_and(|t| t.trim() != before)

@@ -133,6 +133,20 @@ impl AuthServer {
         assert!(r.status().is_success());
     }
 
+    /// What the server says of a token (RFC 7662 introspection, as client `app`).
+    pub async fn introspect(&self, token: &str) -> serde_json::Value {
+        reqwest::Client::new()
+            .post(format!("{}/token/introspection", self.issuer))
+            .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
+            .form(&[("token", token)])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// The YAML of a daemon client of this server.
     pub fn client_yaml(&self, name: &str, extra: &str) -> String {
         format!(
@@ -412,22 +426,7 @@ pub async fn browse(url: &str, consent: bool) -> (u16, String) {
                 .unwrap();
             continue;
         }
-        let action =
-            between(&body, "action=\"", "\"").unwrap_or_else(|| panic!("no form on {at}: {body}"));
-        let mut form: Vec<(String, String)> = Vec::new();
-        let mut rest = body.as_str();
-        while let Some(i) = rest.find("<input") {
-            rest = &rest[i + 6..];
-            let tag = &rest[..rest.find('>').unwrap_or(rest.len())];
-            if let Some(name) = between(tag, "name=\"", "\"") {
-                let value = match name.as_str() {
-                    "login" => "alice".to_string(),
-                    "password" => "pw".to_string(),
-                    _ => between(tag, "value=\"", "\"").unwrap_or_default(),
-                };
-                form.push((name, value));
-            }
-        }
+        let (action, form) = first_form(&body).unwrap_or_else(|| panic!("no form on {at}: {body}"));
         response = http.post(&action).form(&form).send().await.unwrap();
     }
     panic!("the authorization pages did not end");
