@@ -293,7 +293,15 @@ fn status(socket: &Path, name: Option<&str>, json: bool) -> Result<(), Failure> 
             .last_refresh_at
             .map(|t| format!("{} ago", human((now - t) / 1000)))
             .unwrap_or_else(|| "-".into());
-        let note = c.reason.or(c.last_error).unwrap_or_default();
+        let mut note = c.reason.or(c.last_error).unwrap_or_default();
+        if let Some(waiting) = &c.pending_authorization {
+            let waiting = format!("waiting for the user to {}", waiting.instructions());
+            note = if note.is_empty() {
+                waiting
+            } else {
+                format!("{waiting}; {note}")
+            };
+        }
         println!(
             "{:<20} {:<13} {:<12} {:<14} {}",
             c.name, c.status, expires, last, note

@@ -1989,6 +1989,11 @@ fn info(c: &Client) -> ClientInfo {
             .iter()
             .map(|s| s.path.display().to_string())
             .collect(),
+        pending_authorization: c
+            .pending()
+            .as_ref()
+            .filter(|(reply, _)| reply.expires_at > now)
+            .map(|(reply, _)| Box::new(reply.clone())),
     }
 }
 

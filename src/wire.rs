@@ -41,6 +41,9 @@ pub struct ClientInfo {
     pub failures: u32,
     pub scopes: Vec<String>,
     pub sinks: Vec<String>,
+    /// An authorization waiting for the user: where to go, or the code to enter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_authorization: Option<Box<AuthorizeReply>>,
 }
 
 /// `GET /v1/clients/{name}/token`.

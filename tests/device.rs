@@ -102,6 +102,15 @@ async fn a_headless_machine_authorizes_with_a_code_typed_elsewhere() {
     // Asking again gives the same code: one authorization waits for the user, not one per ask.
     let again = stderr(&daemon.cli(&["token", "tv"]));
     assert!(again.contains(&code), "{again}");
+    assert_eq!(
+        daemon.client("tv")["pending_authorization"]["user_code"],
+        code.as_str()
+    );
+    let status = stdout(&daemon.cli(&["status"]));
+    assert!(
+        status.contains(&format!("enter the code {code}")),
+        "{status}"
+    );
 
     assert!(enter_device_code(&format!("{page}?user_code={code}"), true).await);
     // The daemon polls every 5 s (the RFC's default: oidc-provider names no interval).
