@@ -129,9 +129,10 @@ pub enum Step {
     Fail(String, String),
 }
 
-/// Reads one polling answer. `slow_down` raises the interval for good (section 3.5); a network
-/// failure or a 5xx is waited out like `authorization_pending`, with the interval doubled, as
-/// section 3.5 asks of a client that meets a connection timeout.
+/// Reads one polling answer. `slow_down` raises the interval for good (section 3.5); a failure
+/// that may pass (network, 5xx, 429, with or without an error code) is waited out like
+/// `authorization_pending`, with the interval doubled, as section 3.5 asks of a client that
+/// meets a connection timeout.
 pub fn step(grant: &mut DeviceGrant, result: Result<TokenSet, GrantError>) -> Step {
     let e = match result {
         Ok(token) => return Step::Done(token),
@@ -156,7 +157,9 @@ pub fn step(grant: &mut DeviceGrant, result: Result<TokenSet, GrantError>) -> St
             "access_denied".into(),
             "the user denied the authorization".into(),
         ),
-        None if e.class == ErrorClass::Transient => {
+        // A network failure, a 5xx or a 429 (`server_error`, `temporarily_unavailable`...)
+        // passes: wait longer.
+        _ if e.class == ErrorClass::Transient => {
             let current = Duration::from_millis(grant.interval_ms);
             raise(grant, current);
             Step::Wait
@@ -291,9 +294,13 @@ mod tests {
         );
         assert_eq!(g.interval_ms, 10_000);
         // A network failure doubles the interval, up to the cap.
-        for _ in 0..10 {
+        for code in [None, Some("temporarily_unavailable")]
+            .into_iter()
+            .cycle()
+            .take(10)
+        {
             assert_eq!(
-                step(&mut g, Err(error(None, ErrorClass::Transient))),
+                step(&mut g, Err(error(code, ErrorClass::Transient))),
                 Step::Wait
             );
         }

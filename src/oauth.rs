@@ -214,22 +214,49 @@ pub fn renewal_grant<'t>(
 /// Sends grant requests. One per daemon: its connection pool is shared by every client.
 #[derive(Clone)]
 pub struct Engine {
-    http: reqwest::Client,
+    http: std::sync::Arc<std::sync::RwLock<reqwest::Client>>,
+    request_timeout: Duration,
+}
+
+/// Idle pooled connections are dropped sooner than the shortest keep-alive servers commonly
+/// use (Node's 5 s), so a request never goes out on a connection the server may just have
+/// closed: that fails after the request was written, and a refresh cannot be safely sent
+/// twice. Bursts (an expiry wave) still share their connections.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+fn http_client(request_timeout: Duration) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10).min(request_timeout))
+        .timeout(request_timeout)
+        // A token endpoint that redirects is misconfigured; following it could send the
+        // client secret somewhere else.
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("oauth2mci/", env!("CARGO_PKG_VERSION")))
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build()
+        .map_err(|e| format!("cannot set up the HTTP client: {e}"))
 }
 
 impl Engine {
     pub fn new(request_timeout: Duration) -> Result<Engine, String> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10).min(request_timeout))
-            .timeout(request_timeout)
-            // A token endpoint that redirects is misconfigured; following it could send the
-            // client secret somewhere else.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("oauth2mci/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build()
-            .map_err(|e| format!("cannot set up the HTTP client: {e}"))?;
-        Ok(Engine { http })
+        Ok(Engine {
+            http: std::sync::Arc::new(std::sync::RwLock::new(http_client(request_timeout)?)),
+            request_timeout,
+        })
+    }
+
+    /// The client to send with (a cheap handle on the shared pool).
+    fn http(&self) -> reqwest::Client {
+        self.http.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Drops every pooled connection: after a suspend they are dead (the idle timer does not
+    /// run while the machine sleeps), and the network may have changed.
+    pub fn reset_connections(&self) {
+        match http_client(self.request_timeout) {
+            Ok(fresh) => *self.http.write().unwrap_or_else(|p| p.into_inner()) = fresh,
+            Err(e) => tracing::warn!("cannot renew the HTTP connection pool: {e}"),
+        }
     }
 
     pub async fn exchange_code(
@@ -306,7 +333,7 @@ impl Engine {
         let basic = authenticate(client, &mut params, now_ms())?;
         let shown = shown_url(&url);
         let mut req = self
-            .http
+            .http()
             .post(url)
             .header(reqwest::header::ACCEPT, "application/json");
         if let Some(secret) = basic {
@@ -336,7 +363,7 @@ impl Engine {
         client: &ClientConfig,
         grant: Grant<'_>,
     ) -> Result<TokenSet, GrantError> {
-        let request = token_request(&self.http, client, &grant)?;
+        let request = token_request(&self.http(), client, &grant)?;
         let url = request.url().clone();
         let shown = shown_url(&url);
         let resp = self.send(request).await.map_err(|e| {
@@ -353,7 +380,7 @@ impl Engine {
 
     /// Revokes the client's grant at the server, the way its profile says.
     pub async fn revoke(&self, client: &ClientConfig, token: &TokenSet) -> Result<(), GrantError> {
-        let request = revoke_request(&self.http, client, token)?;
+        let request = revoke_request(&self.http(), client, token)?;
         // The template, not the request's URL: `revocation: url` puts the token in the path.
         let shown = client.endpoints.revoke.clone().unwrap_or_default();
         let resp = self.send(request).await.map_err(|e| {
@@ -380,50 +407,9 @@ impl Engine {
 }
 
 impl Engine {
-    /// Sends a request; one that met a pooled connection the server had already closed is
-    /// sent once more on a new one. After a suspend (or any idle spell longer than the server's
-    /// keep-alive), the first request would otherwise fail and wait a whole backoff period.
     async fn send(&self, request: reqwest::Request) -> Result<reqwest::Response, reqwest::Error> {
-        let again = request.try_clone();
-        match self.http.execute(request).await {
-            Err(e) if stale_connection(&e) => match again {
-                Some(again) => {
-                    tracing::debug!("a pooled connection was closed under us; sending again");
-                    self.http.execute(again).await
-                }
-                None => Err(e),
-            },
-            other => other,
-        }
+        self.http().execute(request).await
     }
-}
-
-/// Whether an error means the connection was dead before the server read the request: closed
-/// before any answer, or reset while writing. Timeouts are not: the server may be working on it.
-fn stale_connection(e: &reqwest::Error) -> bool {
-    if e.is_timeout() || e.is_connect() {
-        return false;
-    }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if let Some(h) = s.downcast_ref::<hyper::Error>()
-            && (h.is_incomplete_message() || h.is_canceled())
-        {
-            return true;
-        }
-        if let Some(io) = s.downcast_ref::<std::io::Error>()
-            && matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::ConnectionAborted
-            )
-        {
-            return true;
-        }
-        source = s.source();
-    }
-    false
 }
 
 /// A URL as shown in messages: without its query, which may carry a secret (Facebook's GET).

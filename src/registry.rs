@@ -11,14 +11,14 @@ use crate::notify::{self, Kind, Notice};
 use crate::oauth::{self, Engine, ErrorClass, GrantError, Pkce};
 use crate::provider::{RefreshMechanism, Revocation};
 use crate::redirect::{self, Callback, Hub, PendingAuth};
-use crate::scheduler::{self, Scheduler};
+use crate::scheduler::{self, ClockEvent, Scheduler};
 use crate::sink;
 use crate::store::{ClientRow, Event, PendingRow, Store, Stored, Write};
 use crate::token::{TokenSet, now_ms};
 use crate::wire::{self, AuthorizationOutcome, AuthorizeReply, ClientInfo, RevokeReply};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
@@ -147,12 +147,23 @@ struct ClientState {
     error_notified_at: Option<i64>,
     /// The grant end (a refresh token's known expiry) the user was warned about.
     warned_for: Option<i64>,
+    /// The clock (`Registry::clock_shift`) this state's times were read on; `None` for what
+    /// was read from the store at start.
+    clock: Option<i64>,
 }
 
 impl ClientState {
     /// What storing a new token does to a client: valid, failures and reasons cleared, and the
     /// user may be told again at the next incident.
-    fn take_token(&mut self, token: TokenSet, generation: i64, fingerprint: String, now: i64) {
+    fn take_token(
+        &mut self,
+        token: TokenSet,
+        generation: i64,
+        fingerprint: String,
+        now: i64,
+        clock: i64,
+    ) {
+        self.clock = Some(clock);
         self.generation = generation;
         self.token = Some(token);
         self.status = Status::Valid;
@@ -190,6 +201,9 @@ pub struct Client {
     authorization: watch::Sender<Option<AuthorizationOutcome>>,
     /// The authorization waiting for the user, and how to stop its device polling.
     pending: Mutex<Option<(AuthorizeReply, CancellationToken)>>,
+    /// Authorizations of this client start one at a time, so that one started for the user
+    /// (a notice, `token`) and one the user asked for never replace each other half-way.
+    starting: tokio::sync::Mutex<()>,
 }
 
 impl Client {
@@ -241,8 +255,10 @@ pub struct Registry {
     pub counters: Counters,
     /// Reloads come from SIGHUP, the file watcher and the API; one at a time.
     reload_lock: tokio::sync::Mutex<()>,
-    /// Authorizations started for the user (a notice, `token`) are started one at a time.
-    auto_authorize: tokio::sync::Mutex<()>,
+    /// The sum of the wall-clock jumps seen since start (ms): the clock a time was read on.
+    clock_shift: Arc<AtomicI64>,
+    /// `clock_shift` as the clients' state last followed it.
+    clock_followed: AtomicI64,
     /// Bumped after each applied configuration, for those who follow it (cron jobs).
     versions: watch::Sender<u64>,
 }
@@ -260,13 +276,20 @@ impl Registry {
         let stored = store.load().map_err(|e| e.to_string())?;
         let pending = store.pending().map_err(|e| e.to_string())?;
         let (fire_tx, mut fire_rx) = tokio::sync::mpsc::unbounded_channel::<Arc<str>>();
-        let (jump_tx, mut jump_rx) = tokio::sync::mpsc::unbounded_channel::<i64>();
+        let (clock_tx, mut clock_rx) = tokio::sync::mpsc::unbounded_channel::<ClockEvent>();
+        let clock_shift = Arc::new(AtomicI64::new(0));
+        let shift = clock_shift.clone();
         let (scheduler, _driver) = Scheduler::start(
             move |name| {
                 let _ = fire_tx.send(name);
             },
-            move |jump| {
-                let _ = jump_tx.send(jump);
+            move |event| {
+                // At once, not when the registry gets to it: a token landing meanwhile must
+                // know which clock its times were read on.
+                if let ClockEvent::Jumped(jump) = event {
+                    shift.fetch_add(jump, Ordering::SeqCst);
+                }
+                let _ = clock_tx.send(event);
             },
             shutdown.clone(),
         );
@@ -283,15 +306,20 @@ impl Registry {
             shutdown,
             counters: Counters::default(),
             reload_lock: tokio::sync::Mutex::new(()),
-            auto_authorize: tokio::sync::Mutex::new(()),
             versions: watch::Sender::new(0),
+            clock_shift,
+            clock_followed: AtomicI64::new(0),
         });
         registry.restore(&config, stored);
         registry.resume_authorizations(pending);
         let follower = registry.clone();
         tasks.spawn(async move {
-            while let Some(jump) = jump_rx.recv().await {
-                follower.clock_jumped(jump).await;
+            while let Some(event) = clock_rx.recv().await {
+                match event {
+                    ClockEvent::Jumped(_) => follower.clock_jumped().await,
+                    // Pooled connections did not live through the suspend.
+                    ClockEvent::Resumed(_) => follower.engine.reset_connections(),
+                }
             }
         });
         let driver = registry.clone();
@@ -718,23 +746,35 @@ impl Registry {
         self.tell(client, self.notice(Kind::Warning, &cfg, &message));
     }
 
-    /// The wall clock was set by `jump` ms. Token times were written in the old clock: they
-    /// move with it (in memory and in the store), and every timer is set again from them.
-    async fn clock_jumped(&self, jump: i64) {
+    /// The wall clock was set. Times read on the old clock during this run move with it, in
+    /// memory and in the store; tokens read from the store at start are left as they are
+    /// (written before this boot, most likely on a right clock: the usual jump is NTP's first
+    /// sync correcting a wrong clock at boot). Every timer is then set again.
+    async fn clock_jumped(&self) {
+        let current = self.clock_shift.load(Ordering::SeqCst);
+        // Retry and notice times are always this run's.
+        let jump = current - self.clock_followed.swap(current, Ordering::SeqCst);
         let mut writes = Vec::new();
         for client in self.all() {
             {
                 let mut st = client.state();
-                st.next_refresh_at = st.next_refresh_at.map(|t| t + jump);
-                st.reauth_notified_at = st.reauth_notified_at.map(|t| t + jump);
-                st.error_notified_at = st.error_notified_at.map(|t| t + jump);
+                let by = |t: i64| t + jump;
+                st.next_refresh_at = st.next_refresh_at.map(by);
+                st.reauth_notified_at = st.reauth_notified_at.map(by);
+                st.error_notified_at = st.error_notified_at.map(by);
+                let moved = st.clock.map_or(0, |read_on| current - read_on);
                 let generation = st.generation;
-                if let Some(token) = st.token.as_mut() {
-                    token.shift(jump);
+                if moved != 0
+                    && let Some(token) = st.token.as_mut()
+                {
+                    token.shift(moved);
                     writes.push(Write::Token {
                         client: client.name.to_string(),
                         token: Some((token.clone(), generation)),
                     });
+                }
+                if st.clock.is_some() {
+                    st.clock = Some(current);
                 }
             }
             self.schedule_from_state(&client);
@@ -743,7 +783,10 @@ impl Registry {
             at: now_ms(),
             client: None,
             kind: "clock_jump".into(),
-            detail: format!("the wall clock was set by {jump} ms; token times moved with it"),
+            detail: format!(
+                "the wall clock was set; times of {} token(s) obtained since start moved with it",
+                writes.len()
+            ),
         }));
         if let Err(e) = self.store.commit(writes).await {
             self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
@@ -889,6 +932,7 @@ impl Registry {
             st.token.clone()
         };
         let permit = self.endpoint_permit(&cfg).await;
+        let read_on = self.clock_shift.load(Ordering::SeqCst);
         let result = match (cfg.grant, old) {
             (Grant::ClientCredentials | Grant::JwtBearer, _) => {
                 self.engine.unattended(&cfg, now).await
@@ -902,7 +946,7 @@ impl Registry {
         };
         drop(permit);
         match result {
-            Ok(token) => self.accept(client, &cfg, token, "refreshed").await,
+            Ok(token) => self.accept(client, &cfg, token, "refreshed", read_on).await,
             Err(e) => Err(self.refresh_failed(client, &cfg, e).await),
         }
     }
@@ -954,13 +998,18 @@ impl Registry {
     }
 
     /// Stores a new token: database first, then memory and timer, then sinks, then the hook.
+    /// `read_on` is the clock (`clock_shift`) when the request went out: a token whose times
+    /// were read before a clock jump is moved with it here.
     async fn accept(
         &self,
         client: &Arc<Client>,
         issued_for: &ClientConfig,
-        token: TokenSet,
+        mut token: TokenSet,
         how: &str,
+        read_on: i64,
     ) -> Result<TokenSet, RegistryError> {
+        let clock = self.clock_shift.load(Ordering::SeqCst);
+        token.shift(clock - read_on);
         let now = now_ms();
         let (writes, generation) = {
             let st = client.state();
@@ -970,6 +1019,7 @@ impl Registry {
                 st.generation + 1,
                 issued_for.fingerprint(),
                 now,
+                clock,
             );
             let detail = match token.remaining(now) {
                 Some(ms) => format!("{how}; expires in {}s", ms / 1000),
@@ -998,7 +1048,13 @@ impl Registry {
             let disabled = st.status == Status::Disabled;
             let now_config = client.config();
             let identity_changed = now_config.fingerprint() != issued_for.fingerprint();
-            st.take_token(token.clone(), generation, issued_for.fingerprint(), now);
+            st.take_token(
+                token.clone(),
+                generation,
+                issued_for.fingerprint(),
+                now,
+                clock,
+            );
             st.status = match (disabled, identity_changed) {
                 (true, _) => Status::Disabled,
                 (false, true) if now_config.grant.unattended() => Status::Unauthorized,
@@ -1056,6 +1112,12 @@ impl Registry {
         self.counters.refresh_failed.fetch_add(1, Ordering::Relaxed);
         let now = now_ms();
         let message = e.to_string();
+        let mut e = e;
+        if cfg.grant.unattended() && e.class == ErrorClass::NeedsUser {
+            // No user can help a client that has none: an `invalid_grant` here is a bad key or
+            // assertion (RFC 7523 section 3.1), a settings error to retry slowly and tell.
+            e.class = ErrorClass::Config;
+        }
         let repeat = self.config().notify.repeat;
         let error_after = self.config().notify.error_after;
         let (writes, notice, result) = {
@@ -1260,8 +1322,18 @@ impl Registry {
         asked: bool,
     ) -> Result<AuthorizeReply, RegistryError> {
         let client = self.known(name)?;
+        let _one_at_a_time = client.starting.lock().await;
         let cfg = client.config();
-        if client.state().status == Status::Disabled {
+        let now = now_ms();
+        if !asked {
+            // One waits for the user already: send them there, whatever its method.
+            let waiting = client.pending().as_ref().map(|(reply, _)| reply.clone());
+            if let Some(reply) = waiting.filter(|r| r.expires_at > now) {
+                return Ok(reply);
+            }
+        }
+        let before_status = client.state().status;
+        if before_status == Status::Disabled {
             return Err(RegistryError::UnknownClient(name.to_string()));
         }
         if cfg.grant.unattended() {
@@ -1315,12 +1387,23 @@ impl Registry {
         if let Err(e) = self.store.commit(writes).await {
             self.redirects.take(&state);
             cancel.cancel();
-            client.pending().take();
+            {
+                let mut pending = client.pending();
+                if pending.as_ref().is_some_and(|(r, _)| r.state == state) {
+                    pending.take();
+                }
+            }
+            let mut st = client.state();
+            if st.status == Status::Authorizing {
+                st.status = before_status;
+            }
             return Err(RegistryError::Internal(format!(
                 "cannot save the authorization: {e}"
             )));
         }
         client.set_outcome(outcome(&state, "pending", None, None));
+        // A reminder that came due while the user was busy is set again from here.
+        self.schedule_from_state(&client);
         match device {
             Some(grant) => self.poll_device(&client, state, grant, cfg.fingerprint(), cancel),
             None => self.expire_later(&client, &state, reply.expires_at),
@@ -1441,6 +1524,7 @@ impl Registry {
         self.tasks.spawn(async move {
             let cfg = client.config();
             let polled = device::poll(&registry.engine, &cfg, &mut grant, &cancel).await;
+            let read_on = registry.clock_shift.load(Ordering::SeqCst);
             if cancel.is_cancelled() {
                 // Superseded (the new one forgot this one) or shutting down (kept for later).
                 return;
@@ -1448,7 +1532,7 @@ impl Registry {
             let result = match polled {
                 Ok(token) => {
                     registry
-                        .take_device_token(&client, &fingerprint, token)
+                        .take_device_token(&client, &fingerprint, token, read_on)
                         .await
                 }
                 Err(e) => Err(e),
@@ -1462,6 +1546,7 @@ impl Registry {
         client: &Arc<Client>,
         fingerprint: &str,
         token: TokenSet,
+        read_on: i64,
     ) -> Result<(), (String, String)> {
         let _flight = client.flight.lock().await;
         let cfg = client.config();
@@ -1472,7 +1557,7 @@ impl Registry {
             ));
         }
         self.counters.authorizations.fetch_add(1, Ordering::Relaxed);
-        self.accept(client, &cfg, token, "authorized")
+        self.accept(client, &cfg, token, "authorized", read_on)
             .await
             .map(|_| ())
             .map_err(|e| ("not_stored".into(), e.to_string()))
@@ -1481,22 +1566,21 @@ impl Registry {
     /// What the user must do for this client now: the authorization waiting for them, or one
     /// started for the purpose (`auto_authorize`). `None` when there is nothing they can open.
     pub async fn user_action(self: &Arc<Self>, client: &Arc<Client>) -> Option<AuthorizeReply> {
-        // Two consumers asking at once must get the same authorization, not replace each other's.
-        let _one_at_a_time = self.auto_authorize.lock().await;
-        let now = now_ms();
-        let waiting = client.pending().as_ref().map(|(reply, _)| reply.clone());
-        // A URL about to expire is not worth sending anyone to.
-        if let Some(reply) = waiting.filter(|r| r.expires_at > now + 60_000) {
-            return Some(reply);
-        }
         let cfg = client.config();
         let status = client.state().status;
-        if !cfg.auto_authorize
-            || cfg.grant.unattended()
-            || matches!(status, Status::Disabled | Status::Revoked)
-        {
+        // A revoked client waits for the user's own `authorize`: nothing is offered.
+        if cfg.grant.unattended() || matches!(status, Status::Disabled | Status::Revoked) {
             return None;
         }
+        if !cfg.auto_authorize {
+            let now = now_ms();
+            return client
+                .pending()
+                .as_ref()
+                .filter(|(r, _)| r.expires_at > now)
+                .map(|(r, _)| r.clone());
+        }
+        // The one waiting, if any (checked under the client's start lock), else a new one.
         match self.start_authorization(&client.name, None, false).await {
             Ok(reply) => Some(reply),
             Err(e) => {
@@ -1588,6 +1672,7 @@ impl Registry {
             ));
         }
         let permit = self.endpoint_permit(&cfg).await;
+        let read_on = self.clock_shift.load(Ordering::SeqCst);
         let result = self
             .engine
             .exchange_code(
@@ -1602,7 +1687,7 @@ impl Registry {
         match result {
             Ok(token) => {
                 self.counters.authorizations.fetch_add(1, Ordering::Relaxed);
-                self.accept(client, &cfg, token, "authorized")
+                self.accept(client, &cfg, token, "authorized", read_on)
                     .await
                     .map(|_| ())
                     .map_err(|e| ("not_stored".into(), e.to_string()))
@@ -1633,11 +1718,24 @@ impl Registry {
         let mut writes = vec![Write::PendingDone {
             state: state.to_string(),
         }];
-        {
+        let current = {
             let mut pending = client.pending();
-            if pending.as_ref().is_some_and(|(r, _)| r.state == state) {
+            let current = pending.as_ref().is_some_and(|(r, _)| r.state == state);
+            if current {
                 pending.take();
             }
+            current
+        };
+        if !current {
+            // Replaced while it finished: its token (if any) was stored, but the outcome and
+            // the status belong to the authorization that replaced it.
+            if let Err((error, message)) = &result {
+                tracing::info!(client = %client.name, "a replaced authorization ended: {error}: {message}");
+            }
+            if let Err(e) = self.store.commit(writes).await {
+                tracing::error!(client = %client.name, "cannot record the authorization's end: {e}");
+            }
+            return;
         }
         match &result {
             Ok(()) => client.set_outcome(outcome(state, "done", None, None)),
@@ -1668,6 +1766,7 @@ impl Registry {
         if let Err(e) = self.store.commit(writes).await {
             tracing::error!(client = %client.name, "cannot record the authorization's end: {e}");
         }
+        self.schedule_from_state(client);
     }
 
     /// The latest authorization's outcome; with `wait`, waits up to that long while it is pending.
@@ -1815,8 +1914,28 @@ impl Registry {
             .commit(writes)
             .await
             .map_err(|e| RegistryError::Internal(e.to_string()))?;
+        self.cancel_authorizations(client);
         self.clear_sinks(name, client.config().sinks.clone()).await;
         Ok(())
+    }
+
+    /// Ends every authorization waiting for this client (its tokens were just dropped on
+    /// request: a code entered later must not bring them back).
+    fn cancel_authorizations(&self, client: &Arc<Client>) {
+        let waiting = client.pending().take();
+        for state in self.redirects.cancel_client(&client.name, "") {
+            self.forget_pending(state);
+        }
+        if let Some((reply, cancel)) = waiting {
+            cancel.cancel();
+            client.set_outcome(outcome(
+                &reply.state,
+                "failed",
+                Some("cancelled".into()),
+                Some("the client's tokens were deleted on request; start again".into()),
+            ));
+            self.forget_pending(reply.state);
+        }
     }
 
     // ---------------------------------------------------------------------------------------
@@ -1851,6 +1970,7 @@ fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
         reauth_notified_at: None,
         error_notified_at: None,
         warned_for: None,
+        clock: None,
     };
     if let Some(s) = stored {
         st.warned_for = s.row.warned_for;
@@ -1887,6 +2007,7 @@ fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
         flight: tokio::sync::Mutex::new(()),
         authorization,
         pending: Mutex::new(None),
+        starting: tokio::sync::Mutex::new(()),
     })
 }
 

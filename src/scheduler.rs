@@ -211,6 +211,8 @@ pub trait Clock: Send + 'static {
     fn wall_ms(&self) -> i64;
     /// A clock that counts suspended time but is never set (milliseconds, any origin).
     fn boot_ms(&self) -> i64;
+    /// A clock that stops while the machine is suspended and is never set.
+    fn mono_ms(&self) -> i64;
 }
 
 /// The machine's clocks.
@@ -222,28 +224,56 @@ impl Clock for SystemClock {
     }
 
     fn boot_ms(&self) -> i64 {
-        nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-            .map(|t| t.tv_sec() * 1000 + t.tv_nsec() / 1_000_000)
-            .unwrap_or_else(|_| crate::token::now_ms())
+        clock_ms(nix::time::ClockId::CLOCK_BOOTTIME)
+    }
+
+    fn mono_ms(&self) -> i64 {
+        clock_ms(nix::time::ClockId::CLOCK_MONOTONIC)
     }
 }
 
-/// Tells a wall clock that was set from time that passed (including suspended time).
-#[derive(Default)]
-pub struct JumpDetector {
-    offset: Option<i64>,
+fn clock_ms(id: nix::time::ClockId) -> i64 {
+    nix::time::clock_gettime(id)
+        .map(|t| t.tv_sec() * 1000 + t.tv_nsec() / 1_000_000)
+        .unwrap_or_else(|_| crate::token::now_ms())
 }
 
-impl JumpDetector {
-    /// The jump since the last look, in milliseconds, when the wall clock was set.
-    pub fn look(&mut self, wall_ms: i64, boot_ms: i64) -> Option<i64> {
+/// What the driver noticed about time, besides deadlines coming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClockEvent {
+    /// The wall clock was set by this many milliseconds; deadlines moved with it.
+    Jumped(i64),
+    /// The machine was suspended for about this many milliseconds.
+    Resumed(i64),
+}
+
+/// Tells, from the gaps between three clocks, a wall clock that was set (wall against boot
+/// time, which counts suspend but is never set) and a suspend (boot against monotonic time,
+/// which stops during suspend).
+#[derive(Default)]
+pub struct ClockWatch {
+    wall_boot: Option<i64>,
+    boot_mono: Option<i64>,
+}
+
+impl ClockWatch {
+    /// What changed since the last look.
+    pub fn look(&mut self, wall_ms: i64, boot_ms: i64, mono_ms: i64) -> Vec<ClockEvent> {
+        let threshold = JUMP_THRESHOLD.as_millis() as i64;
+        let mut events = Vec::new();
+        let gap = boot_ms - mono_ms;
+        if let Some(before) = self.boot_mono.replace(gap)
+            && gap - before >= threshold
+        {
+            events.push(ClockEvent::Resumed(gap - before));
+        }
         let offset = wall_ms - boot_ms;
-        let jump = self
-            .offset
-            .map(|before| offset - before)
-            .filter(|d| d.unsigned_abs() >= JUMP_THRESHOLD.as_millis() as u64);
-        self.offset = Some(offset);
-        jump
+        if let Some(before) = self.wall_boot.replace(offset)
+            && (offset - before).abs() >= threshold
+        {
+            events.push(ClockEvent::Jumped(offset - before));
+        }
+        events
     }
 }
 
@@ -260,11 +290,11 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Starts the driver on the machine's clocks: `fire` is called with each client whose
-    /// deadline has come, `jumped` with the size of each wall-clock jump (milliseconds, after
-    /// the deadlines moved by it).
+    /// deadline has come, `clock` with what happened to time (a wall-clock jump, after the
+    /// deadlines moved by it; a resume from suspend).
     pub fn start(
         fire: impl Fn(Arc<str>) + Send + 'static,
-        jumped: impl Fn(i64) + Send + 'static,
+        jumped: impl Fn(ClockEvent) + Send + 'static,
         shutdown: CancellationToken,
     ) -> (Scheduler, tokio::task::JoinHandle<()>) {
         let alarm = WallAlarm::new()
@@ -276,7 +306,7 @@ impl Scheduler {
     /// Starts the driver on any clock (tests).
     pub fn start_with(
         fire: impl Fn(Arc<str>) + Send + 'static,
-        jumped: impl Fn(i64) + Send + 'static,
+        jumped: impl Fn(ClockEvent) + Send + 'static,
         clock: impl Clock,
         alarm: Option<WallAlarm>,
         shutdown: CancellationToken,
@@ -379,34 +409,42 @@ async fn ring(alarm: &mut Option<WallAlarm>) {
     }
 }
 
-/// Looks at the clocks; after a jump, moves every deadline with it and says so.
+/// Looks at the clocks; after a jump, moves every deadline with it; says what happened.
 fn follow(
-    detector: &mut JumpDetector,
+    watch: &mut ClockWatch,
     timers: &mut Timers,
     clock: &impl Clock,
-    jumped: &impl Fn(i64),
+    told: &impl Fn(ClockEvent),
 ) {
-    if let Some(jump) = detector.look(clock.wall_ms(), clock.boot_ms()) {
-        tracing::warn!(
-            "the wall clock was set {} by {}: deadlines move with it",
-            if jump > 0 { "forward" } else { "back" },
-            humantime::format_duration(Duration::from_millis(jump.unsigned_abs()))
-        );
-        timers.shift(jump);
-        jumped(jump);
+    let shown = |ms: i64| humantime::format_duration(Duration::from_millis(ms.unsigned_abs()));
+    for event in watch.look(clock.wall_ms(), clock.boot_ms(), clock.mono_ms()) {
+        match event {
+            ClockEvent::Jumped(jump) => {
+                tracing::warn!(
+                    "the wall clock was set {} by {}: deadlines move with it",
+                    if jump > 0 { "forward" } else { "back" },
+                    shown(jump)
+                );
+                timers.shift(jump);
+            }
+            ClockEvent::Resumed(slept) => {
+                tracing::info!("resumed after about {} of suspend", shown(slept));
+            }
+        }
+        told(event);
     }
 }
 
 async fn drive(
     mut rx: mpsc::UnboundedReceiver<Command>,
     fire: impl Fn(Arc<str>),
-    jumped: impl Fn(i64),
+    jumped: impl Fn(ClockEvent),
     clock: impl Clock,
     mut alarm: Option<WallAlarm>,
     shutdown: CancellationToken,
 ) {
     let mut timers = Timers::default();
-    let mut detector = JumpDetector::default();
+    let mut detector = ClockWatch::default();
     // Deadlines set before a jump are in the old clock and move with it; those set after are
     // in the new one: so the clocks are looked at before each command is applied, too.
     loop {
@@ -633,14 +671,22 @@ mod tests {
     }
 
     #[test]
-    fn only_a_set_clock_is_a_jump() {
-        let mut d = JumpDetector::default();
-        assert_eq!(d.look(1_000_000, 5_000), None);
-        // Time passing (even a long suspend: the boot clock counts it) is no jump.
-        assert_eq!(d.look(1_000_000 + 3_600_000, 5_000 + 3_600_000), None);
-        // NTP's slewing is no jump either.
-        assert_eq!(d.look(4_600_000 + 1_500, 3_605_000 + 1_000), None);
-        assert_eq!(d.look(4_600_500 - 86_400_000, 3_606_000), Some(-86_401_000));
+    fn a_set_clock_is_a_jump_and_a_stopped_monotonic_clock_a_suspend() {
+        let mut w = ClockWatch::default();
+        assert_eq!(w.look(1_000_000, 5_000, 5_000), vec![]);
+        // Time passing is nothing.
+        assert_eq!(w.look(1_060_000, 65_000, 65_000), vec![]);
+        // A suspend: wall and boot time go on, monotonic time does not.
+        assert_eq!(
+            w.look(4_660_000, 3_665_000, 66_000),
+            vec![ClockEvent::Resumed(3_599_000)]
+        );
+        // NTP's slewing is nothing either.
+        assert_eq!(w.look(4_661_500, 3_666_000, 67_000), vec![]);
+        assert_eq!(
+            w.look(4_662_000 - 86_400_000, 3_667_000, 68_000),
+            vec![ClockEvent::Jumped(-86_400_500)]
+        );
     }
 
     /// The machine's clocks, with the wall clock set and the machine suspended at will.
@@ -658,20 +704,23 @@ mod tests {
         fn boot_ms(&self) -> i64 {
             crate::token::now_ms() + self.suspended.load(std::sync::atomic::Ordering::SeqCst)
         }
+        fn mono_ms(&self) -> i64 {
+            crate::token::now_ms()
+        }
     }
 
     struct Driven {
         clock: FakeClock,
         scheduler: Scheduler,
         fired: mpsc::UnboundedReceiver<Arc<str>>,
-        jumps: mpsc::UnboundedReceiver<i64>,
+        events: mpsc::UnboundedReceiver<ClockEvent>,
         _stop: tokio_util::sync::DropGuard,
     }
 
     fn driven() -> Driven {
         let clock = FakeClock::default();
         let (tx, fired) = mpsc::unbounded_channel();
-        let (jtx, jumps) = mpsc::unbounded_channel();
+        let (jtx, events) = mpsc::unbounded_channel();
         let shutdown = CancellationToken::new();
         let (scheduler, _) = Scheduler::start_with(
             move |n| drop(tx.send(n)),
@@ -686,7 +735,7 @@ mod tests {
             clock,
             scheduler,
             fired,
-            jumps,
+            events,
             _stop: shutdown.drop_guard(),
         }
     }
@@ -720,7 +769,10 @@ mod tests {
                 .wall_set
                 .fetch_add(by, std::sync::atomic::Ordering::SeqCst);
             self.poke();
-            self.jumps.recv().await.unwrap()
+            match self.events.recv().await {
+                Some(ClockEvent::Jumped(jump)) => jump,
+                other => panic!("expected a jump, got {other:?}"),
+            }
         }
 
         /// Both deadlines fire, in order, each within `within`.
@@ -763,8 +815,13 @@ mod tests {
             .fetch_add(3_600_000, std::sync::atomic::Ordering::SeqCst);
         d.poke();
         d.both_fire(Duration::from_millis(100)).await;
+        let told = d.events.try_recv().unwrap();
         assert!(
-            d.jumps.try_recv().is_err(),
+            matches!(told, ClockEvent::Resumed(ms) if (ms - 3_600_000).abs() < 100),
+            "{told:?}"
+        );
+        assert!(
+            d.events.try_recv().is_err(),
             "a suspend is not a clock change"
         );
     }

@@ -182,3 +182,33 @@ async fn a_consumer_hanging_up_does_not_cancel_its_refresh() {
         daemon.log_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_a_user_backs_off_on_invalid_grant() {
+    // RFC 7523's answer to a bad assertion, or a server that says it to client credentials:
+    // no user can help, so it is a settings error retried slowly, not a loop.
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(
+            ResponseTemplate::new(400).set_body_json(serde_json::json!({"error": "invalid_grant"})),
+        )
+        .mount(&server)
+        .await;
+    let clients = format!(
+        "  reports:\n    provider: {{token_url: \"{}/token\"}}\n    grant: client_credentials\n    client_id: reports\n    client_secret: s\n    refresh: {{retry: {{initial: 1s, max: 10s}}}}\n",
+        server.uri()
+    );
+    let daemon = Daemon::start("", &clients);
+    std::thread::sleep(Duration::from_secs(3));
+    let requests = server.received_requests().await.unwrap().len();
+    assert!((1..=3).contains(&requests), "{requests} requests in 3 s");
+    let info = daemon.client("reports");
+    assert_eq!(info["status"], "retrying", "{info}");
+    assert!(
+        info["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_grant")
+    );
+}

@@ -35,6 +35,12 @@ async fn revoke_ends_the_grant_at_the_server_then_forgets_it_here() {
     let sink = daemon.path("run/mail.token");
     assert!(sink.exists());
 
+    // An authorization left waiting (started, never finished) must not outlive the revocation.
+    let (_, waiting) = daemon
+        .request("POST", "/v1/clients/mail/authorize")
+        .unwrap();
+    let state = waiting["state"].as_str().unwrap().to_string();
+
     let o = daemon.cli(&["revoke", "mail"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(
@@ -42,6 +48,11 @@ async fn revoke_ends_the_grant_at_the_server_then_forgets_it_here() {
         "{}",
         stdout(&o)
     );
+    let (_, outcome) = daemon
+        .get(&format!("/v1/clients/mail/authorization?state={state}"))
+        .unwrap();
+    assert_eq!(outcome["status"], "failed", "{outcome}");
+    assert_eq!(outcome["error"], "cancelled", "{outcome}");
     // Revoking the refresh token ended the grant, its access token with it.
     assert!(!active(&server, &token).await);
     assert!(!sink.exists(), "the token file is removed");

@@ -847,8 +847,11 @@ impl Resolver<'_> {
                 .error_after
                 .map_or(defaults::NOTIFY_ERROR_AFTER, |b| b.0 as u32),
         };
-        if notify.repeat.is_some_and(|d| d < Duration::from_secs(60)) {
-            return Err(self.error(&["notify", "repeat"], "must be at least 1m, or never"));
+        if notify
+            .repeat
+            .is_some_and(|d| d < Duration::from_secs(60) || d > Duration::from_secs(365 * 86400))
+        {
+            return Err(self.error(&["notify", "repeat"], "must be from 1m to 365d, or never"));
         }
         let history = HistoryConfig {
             retention: raw
@@ -1133,6 +1136,12 @@ impl Resolver<'_> {
             return Err(err(
                 &["private_key"],
                 "a client authenticates with client_secret or with private_key, not both".into(),
+            ));
+        }
+        if rc.grant != Grant::JwtBearer && jwt.as_ref().is_some_and(|j| j.subject.is_some()) {
+            return Err(err(
+                &["subject"],
+                "subject names the user a jwt_bearer grant acts for; other grants have none".into(),
             ));
         }
         if rc.grant == Grant::JwtBearer && jwt.is_none() {

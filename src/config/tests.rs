@@ -342,6 +342,18 @@ fn signing_keys_are_read_and_checked_at_load() {
             "not both",
         ),
         (
+            format!(
+                "{base}    grant: client_credentials\n    client_id: x\n    private_key: {{file: {key}}}\n    subject: bob\n"
+            ),
+            "7:14",
+            "other grants have none",
+        ),
+        (
+            "notify:\n  repeat: 10s\nclients: {}\n".to_string(),
+            "2:11",
+            "from 1m to 365d",
+        ),
+        (
             format!("{base}    grant: jwt_bearer\n    service_account_key: \"{{}}\"\n"),
             "5:26",
             "not a service account key",
