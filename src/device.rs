@@ -36,6 +36,10 @@ pub struct DeviceGrant {
     pub expires_at: i64,
     /// The polling interval, in milliseconds; `slow_down` raises it.
     pub interval_ms: u64,
+    /// The client's configuration fingerprint when it started: a token for another identity
+    /// (scopes edited while the daemon was down) is not taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 mod secret_string {
@@ -115,6 +119,7 @@ pub fn read_start(
         verification_uri_complete: text(&["verification_uri_complete"]),
         expires_at: now + lifetime.as_millis() as i64,
         interval_ms: interval.as_millis() as u64,
+        fingerprint: None,
     })
 }
 

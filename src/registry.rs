@@ -437,7 +437,9 @@ impl Registry {
                     let cancel = self.shutdown.child_token();
                     let reply = device_reply(&row.state, &grant);
                     *client.pending() = Some((reply, cancel.clone()));
-                    self.poll_device(&client, row.state.clone(), grant, cfg.fingerprint(), cancel);
+                    // Rows from before fingerprints were kept: the configuration of now.
+                    let started_under = grant.fingerprint.clone().unwrap_or(cfg.fingerprint());
+                    self.poll_device(&client, row.state.clone(), grant, started_under, cancel);
                     Ok(())
                 }
                 None => self.resume_browser(&client, &cfg, &row),
@@ -1491,10 +1493,11 @@ impl Registry {
         let permit = self.endpoint_permit(cfg).await;
         let started = device::start(&self.engine, cfg).await;
         drop(permit);
-        let grant = started.map_err(|e| RegistryError::Server {
+        let mut grant = started.map_err(|e| RegistryError::Server {
             client: client.name.to_string(),
             message: format!("cannot start a device authorization: {e}"),
         })?;
+        grant.fingerprint = Some(cfg.fingerprint());
         let state = oauth::random_token(16);
         let reply = device_reply(&state, &grant);
         let row = PendingRow {
