@@ -420,11 +420,92 @@ pub fn bind(path: &FsPath, mode: u32, gid: Option<u32>) -> Result<UnixListener, 
     UnixListener::from_std(listener).map_err(|e| e.to_string())
 }
 
+/// Who may use the socket, checked on each connection with SO_PEERCRED: the daemon's own user,
+/// root, `socket.allow_users`, and members of `socket.group`. The socket file's mode is the
+/// first gate; this one holds even when the mode is opened wider than meant.
+pub struct PeerPolicy {
+    own: u32,
+    allowed: Vec<u32>,
+    group: Option<u32>,
+    /// Whether a uid is in `group` through its supplementary groups, looked up once.
+    members: std::sync::Mutex<HashMap<u32, bool>>,
+}
+
+impl PeerPolicy {
+    pub fn new(access: &crate::config::SocketAccess) -> PeerPolicy {
+        PeerPolicy {
+            own: nix::unistd::geteuid().as_raw(),
+            allowed: access.allow_uids.clone(),
+            group: access.group.as_ref().map(|g| g.gid),
+            members: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn allows(&self, uid: u32, gid: u32) -> bool {
+        if uid == self.own || uid == 0 || self.allowed.contains(&uid) {
+            return true;
+        }
+        let Some(group) = self.group else {
+            return false;
+        };
+        if gid == group {
+            return true;
+        }
+        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        *members
+            .entry(uid)
+            .or_insert_with(|| in_group(uid, gid, group))
+    }
+}
+
+fn in_group(uid: u32, primary: u32, group: u32) -> bool {
+    let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) else {
+        return false;
+    };
+    let Ok(name) = std::ffi::CString::new(user.name) else {
+        return false;
+    };
+    nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(primary))
+        .is_ok_and(|groups| groups.iter().any(|g| g.as_raw() == group))
+}
+
+/// Answers a connection the policy refuses and closes it. The request head is read first
+/// (bounded in size and time), so that the client is done writing and reads the answer.
+async fn refuse(mut stream: tokio::net::UnixStream, who: String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let _ = tokio::time::timeout(HEADER_TIMEOUT, async {
+        while head.len() < 8192 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let body = serde_json::to_string(&ErrorReply {
+        error: wire::code::FORBIDDEN.into(),
+        message: format!(
+            "{who} may not use this daemon's socket (socket.allow_users or socket.group in its configuration)"
+        ),
+        action: None,
+    })
+    .unwrap_or_default();
+    let answer = format!(
+        "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(HEADER_TIMEOUT, stream.write_all(answer.as_bytes())).await;
+    let _ = stream.shutdown().await;
+}
+
 /// Serves the API until `shutdown`; open connections get a moment to finish.
 pub async fn serve(
     listener: UnixListener,
     registry: Arc<Registry>,
     max_connections: usize,
+    peers: PeerPolicy,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -447,6 +528,20 @@ pub async fn serve(
                 }
             },
         };
+        let peer = stream.peer_cred();
+        let refused = match &peer {
+            Ok(cred) if peers.allows(cred.uid(), cred.gid()) => None,
+            Ok(cred) => Some(format!("uid {}", cred.uid())),
+            Err(e) => Some(format!("a peer whose credentials cannot be read ({e})")),
+        };
+        if let Some(who) = refused {
+            tracing::warn!("socket connection refused: {who} is not allowed");
+            tasks.spawn(async move {
+                let _permit = permit;
+                refuse(stream, who).await;
+            });
+            continue;
+        }
         let app = app.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {

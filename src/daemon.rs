@@ -96,6 +96,7 @@ async fn serve(config: Arc<Config>) -> Result<(), DaemonError> {
         listener,
         registry.clone(),
         config.limits.max_connections,
+        api::PeerPolicy::new(&config.socket),
         shutdown.clone(),
         tasks.clone(),
     ));

@@ -149,6 +149,7 @@ pub mod code {
     pub const NOT_SUPPORTED: &str = "not_supported";
     pub const CONFIG_ERROR: &str = "config_error";
     pub const NOT_FOUND: &str = "not_found";
+    pub const FORBIDDEN: &str = "forbidden";
     pub const SHUTTING_DOWN: &str = "shutting_down";
     pub const INTERNAL: &str = "internal";
 }

@@ -4,6 +4,7 @@
 mod common;
 use common::*;
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
@@ -163,4 +164,54 @@ fn one_daemon_per_state_folder_and_the_socket_goes_at_exit() {
     drop(_stale);
     daemon.spawn();
     assert_eq!(daemon.get("/v1/health").unwrap().0, 200);
+}
+
+/// Runs the CLI as `nobody` against this daemon.
+fn cli_as_nobody(daemon: &Daemon, args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new(BIN)
+        .args(args)
+        .env("OAUTH2MCI_SOCKET", &daemon.socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_socket_serves_only_the_users_it_allows() {
+    // The check needs a second user: the suite runs as root in CI, which can act as `nobody`.
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to connect as another user");
+        return;
+    }
+    // A socket opened to everyone behind the daemon's back (the config refuses such a
+    // mode): the peer check still holds.
+    let open_up = |d: &Daemon| {
+        for dir in [d.dir.path(), &d.path("run")] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    };
+    let daemon = Daemon::start("", CLIENTS);
+    open_up(&daemon);
+    let o = cli_as_nobody(&daemon, &["status"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("uid 65534 may not use this daemon's socket"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        daemon
+            .log_text()
+            .contains("socket connection refused: uid 65534")
+    );
+    // The daemon's own user is served as before.
+    assert_eq!(daemon.cli(&["status"]).status.code(), Some(0));
+
+    let allowed = Daemon::start("socket:\n  allow_users: [nobody]\n", CLIENTS);
+    open_up(&allowed);
+    let o = cli_as_nobody(&allowed, &["status"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }

@@ -83,6 +83,9 @@ impl Paths {
 pub struct SocketAccess {
     pub mode: u32,
     pub group: Option<Group>,
+    /// Users (uids) besides the daemon's own and root whose connections are served; members
+    /// of `group` are too. Checked on each connection with SO_PEERCRED.
+    pub allow_uids: Vec<u32>,
 }
 
 /// A Unix group named in the config, resolved once at load.
@@ -417,6 +420,7 @@ impl<'de> Deserialize<'de> for LogFilter {
 struct RawSocket {
     mode: Option<FileMode>,
     group: Option<NonEmpty>,
+    allow_users: Option<Vec<NonEmpty>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -798,6 +802,18 @@ impl Resolver<'_> {
         }
     }
 
+    /// A user named in the config (or a numeric uid), resolved once at load.
+    fn user(&self, at: &[&str], name: &str) -> Result<u32, ConfigError> {
+        if let Ok(uid) = name.parse::<u32>() {
+            return Ok(uid);
+        }
+        match nix::unistd::User::from_name(name) {
+            Ok(Some(u)) => Ok(u.uid.as_raw()),
+            Ok(None) => Err(self.error(at, format!("no user named {name:?} on this machine"))),
+            Err(e) => Err(self.error(at, format!("cannot look up user {name:?}: {e}"))),
+        }
+    }
+
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let state_dir = raw
             .paths
@@ -831,6 +847,14 @@ impl Resolver<'_> {
                 .as_ref()
                 .map(|g| self.group(&["socket", "group"], &g.0))
                 .transpose()?,
+            allow_uids: raw
+                .socket
+                .allow_users
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(i, u)| self.user(&["socket", "allow_users", &i.to_string()], &u.0))
+                .collect::<Result<_, _>>()?,
         };
         let notify = NotifyConfig {
             on_reauth_needed: raw.notify.on_reauth_needed.map(|c| c.0),

@@ -349,6 +349,11 @@ fn signing_keys_are_read_and_checked_at_load() {
             "other grants have none",
         ),
         (
+            "socket:\n  allow_users: [root, no-such-user-here]\nclients: {}\n".to_string(),
+            "2:23",
+            "no user named \"no-such-user-here\"",
+        ),
+        (
             "notify:\n  repeat: 10s\nclients: {}\n".to_string(),
             "2:11",
             "from 1m to 365d",
