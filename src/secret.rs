@@ -4,6 +4,7 @@
 //! that sends a secret over the wire or to a file is easy to find with grep.
 
 use std::fmt;
+use std::time::Duration;
 
 #[derive(Clone, PartialEq, Eq, Default)]
 pub struct Secret(String);
@@ -37,9 +38,113 @@ impl From<String> for Secret {
     }
 }
 
+/// The most a secret command may print: secrets are short; more is a mistake (a command that
+/// prints a file, say) and is refused rather than read without end.
+const MAX_COMMAND_OUTPUT: u64 = 64 * 1024;
+
+/// Runs `argv` without a shell and returns what it prints on stdout, the final newline
+/// trimmed. It is killed after `timeout`. Errors name the program and quote its stderr (the
+/// first line), never its stdout.
+pub fn from_command(argv: &[String], timeout: Duration) -> Result<String, String> {
+    use std::io::Read;
+    let (program, args) = argv.split_first().ok_or("the command is empty")?;
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {program:?}: {e}"))?;
+    // Read both pipes while waiting, so that a chatty command cannot block on a full pipe.
+    let reader = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(p) = pipe {
+                let _ = p.take(MAX_COMMAND_OUTPUT + 1).read_to_end(&mut out);
+            }
+            out
+        })
+    };
+    let stdout = reader(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = reader(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{program:?} did not finish within {}; killed",
+                    humantime::format_duration(timeout)
+                ));
+            }
+            Err(e) => return Err(format!("waiting for {program:?}: {e}")),
+        }
+    };
+    let out = stdout.join().unwrap_or_default();
+    let err = stderr.join().unwrap_or_default();
+    if !status.success() {
+        let first = String::from_utf8_lossy(&err);
+        let first = first
+            .lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(200)
+            .collect::<String>();
+        return Err(format!("{program:?} failed ({status}): {first}"));
+    }
+    if out.len() as u64 > MAX_COMMAND_OUTPUT {
+        return Err(format!(
+            "{program:?} printed more than {MAX_COMMAND_OUTPUT} bytes; a secret is one line"
+        ));
+    }
+    let text = String::from_utf8(out)
+        .map_err(|_| format!("{program:?} printed something that is not UTF-8"))?;
+    Ok(text.trim_end_matches(['\r', '\n']).to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commands_give_their_output_or_a_clear_error() {
+        let sh = |script: &str| vec!["sh".to_string(), "-c".to_string(), script.to_string()];
+        let long = Duration::from_secs(10);
+        assert_eq!(
+            from_command(&sh("printf 's3cret\\n'"), long).unwrap(),
+            "s3cret"
+        );
+        let e = from_command(&sh("echo no vault >&2; exit 3"), long).unwrap_err();
+        assert!(
+            e.contains("exit status: 3") && e.contains("no vault"),
+            "{e}"
+        );
+        let e = from_command(&sh("sleep 5"), Duration::from_millis(100)).unwrap_err();
+        assert!(e.contains("killed"), "{e}");
+        let e = from_command(&["/nonexistent/vault".to_string()], long).unwrap_err();
+        assert!(e.contains("cannot run"), "{e}");
+        let e = from_command(&sh("head -c 100000 /dev/zero"), long).unwrap_err();
+        assert!(e.contains("more than"), "{e}");
+        // stdout never shows in an error, even when the command fails after printing.
+        let e = from_command(&sh("echo hunter2; exit 1"), long).unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+    }
 
     #[test]
     fn debug_and_display_never_show_the_value() {

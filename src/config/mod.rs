@@ -4,7 +4,8 @@
 //! Every error names the file, line and column and the path of the offending key. Checks that can
 //! be made on one value run while serde_yaml reads it (see `values`), so its position is exact;
 //! checks across values run afterwards and find their position with `locate`. Loading has no side
-//! effects besides reading the config and secret files: applying a config is `registry`'s job.
+//! effects besides reading the config and secret files (and running secret commands): applying a
+//! config is `registry`'s job.
 
 pub mod locate;
 pub mod values;
@@ -522,6 +523,9 @@ enum SecretSource {
     Env(String),
     /// A systemd credential: `$CREDENTIALS_DIRECTORY/NAME`.
     Credential(String),
+    /// What a command prints (a password manager: `[pass, show, mail/client-secret]`), run
+    /// without a shell, killed after the timeout.
+    Command(Vec<String>, Duration),
 }
 
 impl<'de> Deserialize<'de> for SecretSource {
@@ -532,24 +536,35 @@ impl<'de> Deserialize<'de> for SecretSource {
             file: Option<NonEmpty>,
             env: Option<NonEmpty>,
             credential: Option<NonEmpty>,
+            command: Option<Command>,
+            timeout: Option<Dur>,
         }
         struct V;
         impl<'de> Visitor<'de> for V {
             type Value = SecretSource;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string, or one of {file: PATH}, {env: VAR}, {credential: NAME}")
+                f.write_str(
+                    "a string, or one of {file: PATH}, {env: VAR}, {credential: NAME}, {command: [PROGRAM, ARGS...]}",
+                )
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<SecretSource, E> {
                 Ok(SecretSource::Inline(s.to_string()))
             }
             fn visit_map<A: MapAccess<'de>>(self, m: A) -> Result<SecretSource, A::Error> {
                 let r = Ref::deserialize(de::value::MapAccessDeserializer::new(m))?;
-                match (r.file, r.env, r.credential) {
-                    (Some(f), None, None) => Ok(SecretSource::File(f.0)),
-                    (None, Some(e), None) => Ok(SecretSource::Env(e.0)),
-                    (None, None, Some(c)) => Ok(SecretSource::Credential(c.0)),
+                if r.timeout.is_some() && r.command.is_none() {
+                    return Err(de::Error::custom("timeout only applies to a command"));
+                }
+                match (r.file, r.env, r.credential, r.command) {
+                    (Some(f), None, None, None) => Ok(SecretSource::File(f.0)),
+                    (None, Some(e), None, None) => Ok(SecretSource::Env(e.0)),
+                    (None, None, Some(c), None) => Ok(SecretSource::Credential(c.0)),
+                    (None, None, None, Some(c)) => Ok(SecretSource::Command(
+                        c.0,
+                        r.timeout.map_or(defaults::SECRET_COMMAND_TIMEOUT, |t| t.0),
+                    )),
                     _ => Err(de::Error::custom(
-                        "give exactly one of file, env or credential",
+                        "give exactly one of file, env, credential or command",
                     )),
                 }
             }
@@ -673,6 +688,8 @@ mod defaults {
     pub const WARN_BEFORE: Duration = Duration::from_secs(3 * 24 * 3600);
     pub const AUTHORIZE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
     pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(30);
+    /// A password manager may ask for a passphrase through an agent; a minute is plenty.
+    pub const SECRET_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
     /// A reminder a day while only the user can help: enough to be seen, not enough to nag.
     pub const NOTIFY_REPEAT: Duration = Duration::from_secs(24 * 3600);
     /// Three failures in a row (about 35 s with the default backoff) is no longer a blip.
@@ -1387,6 +1404,7 @@ impl Resolver<'_> {
             SecretSource::File(p) => read(self.path(&p))?,
             SecretSource::Env(var) => std::env::var(&var)
                 .map_err(|_| format!("environment variable {var} is not set (or not UTF-8)"))?,
+            SecretSource::Command(argv, timeout) => crate::secret::from_command(&argv, timeout)?,
             SecretSource::Credential(name) => {
                 if name.contains('/') {
                     return Err(format!("credential name {name:?} may not contain '/'"));

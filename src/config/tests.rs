@@ -383,3 +383,53 @@ fn signing_keys_are_read_and_checked_at_load() {
         );
     }
 }
+
+#[test]
+fn secrets_may_come_from_a_command() {
+    let base = "clients:\n  a:\n    provider: {token_url: \"https://as.example/t\"}\n    grant: client_credentials\n    client_id: x\n";
+    let ok = parse_at(&format!(
+        "{base}    client_secret: {{command: [sh, -c, \"printf vault-secret\"], timeout: 5s}}\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        ok.clients["a"].client_secret.as_ref().unwrap().expose(),
+        "vault-secret"
+    );
+    let cases = [
+        (
+            format!(
+                "{base}    client_secret: {{command: [sh, -c, \"echo locked >&2; exit 2\"]}}\n"
+            ),
+            "6:20",
+            "locked",
+        ),
+        (
+            format!("{base}    client_secret: {{command: []}}\n"),
+            "6:20",
+            "a command is a list",
+        ),
+        (
+            format!("{base}    client_secret: {{file: /x, timeout: 5s}}\n"),
+            "6:20",
+            "timeout only applies to a command",
+        ),
+        (
+            format!(
+                "{base}    client_secret: {{command: [sh, -c, \"sleep 5\"], timeout: 200ms}}\n"
+            ),
+            "6:20",
+            "killed",
+        ),
+    ];
+    for (src, position, fragment) in cases {
+        let shown = match parse_at(&src) {
+            Ok(_) => "accepted".to_string(),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            shown.starts_with(&format!("/etc/o/config.yaml:{position}: "))
+                && shown.contains(fragment),
+            "{src}\nexpected {position} {fragment:?}, got: {shown}"
+        );
+    }
+}
