@@ -442,17 +442,11 @@ fn call<T: DeserializeOwned>(
             "{}\nTo authorize, {} (before {}).",
             reply.message,
             action.instructions(),
-            clock_time(action.expires_at)
+            crate::token::show_time(action.expires_at)
         ),
         None => reply.message,
     };
     Err(Failure::new(code, message))
-}
-
-/// A Unix-millisecond time as the user's local wall clock would mostly show it (UTC, RFC 3339).
-fn clock_time(ms: i64) -> String {
-    let at = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 /// HTTP/1.1 over the Unix socket; returns the status and body.

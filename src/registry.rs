@@ -9,7 +9,7 @@ use crate::config::{ClientConfig, Config, Grant, SinkConfig};
 use crate::device::{self, DeviceGrant};
 use crate::notify::{self, Kind, Notice};
 use crate::oauth::{self, Engine, ErrorClass, GrantError, Pkce};
-use crate::provider::{RefreshMechanism, Revocation};
+use crate::provider::{RefreshMechanism, Revocation, Rotation};
 use crate::redirect::{self, Callback, Hub, PendingAuth};
 use crate::scheduler::{self, ClockEvent, Scheduler};
 use crate::sink;
@@ -150,6 +150,13 @@ struct ClientState {
     /// The clock (`Registry::clock_shift`) this state's times were read on; `None` for what
     /// was read from the store at start.
     clock: Option<i64>,
+    /// The refresh intent: a request that may rotate the refresh token went out then, and
+    /// its outcome is not saved yet. Stored before the request, cleared with the outcome.
+    refresh_started_at: Option<i64>,
+    /// The intent found at start: the daemon stopped while that refresh was out. If the next
+    /// refresh meets `invalid_grant`, the server had answered and its new refresh token was
+    /// lost with the process; the user is told exactly that.
+    interrupted_at: Option<i64>,
 }
 
 impl ClientState {
@@ -164,6 +171,8 @@ impl ClientState {
         clock: i64,
     ) {
         self.clock = Some(clock);
+        self.refresh_started_at = None;
+        self.interrupted_at = None;
         self.generation = generation;
         self.token = Some(token);
         self.status = Status::Valid;
@@ -188,6 +197,7 @@ impl ClientState {
             removed_at: self.removed_at,
             updated_at: now_ms(),
             warned_for: self.warned_for,
+            refresh_started_at: self.refresh_started_at,
         }
     }
 }
@@ -678,7 +688,18 @@ impl Registry {
                     warn_at = grant_end(&cfg, t)
                         .filter(|end| !warned(&st, &cfg, *end))
                         .map(|end| end - cfg.refresh.warn_before.as_millis() as i64);
-                    scheduler::next_refresh(t, &cfg.refresh, &cfg.profile, renew, scheduler::draw())
+                    // A refresh cut short by a stop: find out now whether its token survived.
+                    if st.interrupted_at.is_some() {
+                        Some(now_ms())
+                    } else {
+                        scheduler::next_refresh(
+                            t,
+                            &cfg.refresh,
+                            &cfg.profile,
+                            renew,
+                            scheduler::draw(),
+                        )
+                    }
                 }
                 None => None,
             },
@@ -934,6 +955,26 @@ impl Registry {
             st.token.clone()
         };
         let permit = self.endpoint_permit(&cfg).await;
+        let rotates = cfg.profile.refresh_token_rotation != Rotation::Never
+            && cfg.profile.refresh_mechanism == RefreshMechanism::RefreshToken;
+        if rotates
+            && !cfg.grant.unattended()
+            && old.as_ref().is_some_and(|t| t.refresh_token.is_some())
+        {
+            let intent = {
+                let mut st = client.state();
+                st.refresh_started_at = Some(now_ms());
+                st.row(&client.name)
+            };
+            if let Err(e) = self.store.commit(vec![Write::Client(intent)]).await {
+                drop(permit);
+                client.state().refresh_started_at = None;
+                let e = GrantError::transient(format!(
+                    "cannot record the refresh before sending it (its answer could not be saved either): {e}"
+                ));
+                return Err(self.refresh_failed(client, &cfg, e).await);
+            }
+        }
         let read_on = self.clock_shift.load(Ordering::SeqCst);
         let result = match (cfg.grant, old) {
             (Grant::ClientCredentials | Grant::JwtBearer, _) => {
@@ -1125,6 +1166,20 @@ impl Registry {
         let (writes, notice, result) = {
             let mut st = client.state();
             let disabled = st.status == Status::Disabled;
+            st.refresh_started_at = None;
+            let interrupted = st
+                .interrupted_at
+                .filter(|_| e.class == ErrorClass::NeedsUser);
+            let message = match interrupted {
+                Some(at) => {
+                    st.interrupted_at = None;
+                    format!(
+                        "the daemon stopped during a refresh ({}) after the server answered and before the answer was saved; the server had already replaced the refresh token: {message}",
+                        crate::token::show_time(at)
+                    )
+                }
+                None => message,
+            };
             st.last_error = Some(message.clone());
             let outcome = match e.class {
                 ErrorClass::NeedsUser => {
@@ -1140,10 +1195,15 @@ impl Registry {
                         st.reauth_notified_at = Some(now);
                     }
                     tracing::warn!(client = %client.name, "needs authorization: {message}");
+                    let kind = if interrupted.is_some() {
+                        "refresh_lost"
+                    } else {
+                        "needs_reauth"
+                    };
                     (
                         vec![
                             Write::Client(st.row(&client.name)),
-                            event(&client.name, "needs_reauth", &message),
+                            event(&client.name, kind, &message),
                         ],
                         tell.then(|| self.notice(Kind::ReauthNeeded, cfg, &message)),
                         RegistryError::NeedsAuthorization {
@@ -1974,9 +2034,13 @@ fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
         error_notified_at: None,
         warned_for: None,
         clock: None,
+        refresh_started_at: None,
+        interrupted_at: None,
     };
     if let Some(s) = stored {
         st.warned_for = s.row.warned_for;
+        st.refresh_started_at = s.row.refresh_started_at;
+        st.interrupted_at = s.row.refresh_started_at;
         st.fingerprint = s.row.fingerprint;
         st.reason = s.row.reason;
         st.failures = s.row.failures;

@@ -65,6 +65,9 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE clients ADD COLUMN warned_for INTEGER;",
     // 3: a device authorization (RFC 8628) in progress goes on polling after a restart.
     "ALTER TABLE pending_authorizations ADD COLUMN device TEXT;",
+    // 4: a refresh intent, written before a request that may rotate the refresh token and
+    // cleared with its outcome: a start that finds one knows a refresh was cut short.
+    "ALTER TABLE clients ADD COLUMN refresh_started_at INTEGER;",
 ];
 
 /// Units waiting beyond this are left for the next transaction, so one commit stays short.
@@ -96,6 +99,9 @@ pub struct ClientRow {
     pub updated_at: i64,
     /// The end of grant the user was last warned about.
     pub warned_for: Option<i64>,
+    /// A refresh that may rotate the refresh token went out then, and its outcome is not
+    /// saved yet.
+    pub refresh_started_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -357,12 +363,12 @@ fn apply_unit(conn: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
         match w {
             Write::Client(c) => {
                 conn.prepare_cached(
-                    "INSERT INTO clients (name, status, fingerprint, reason, last_refresh_at, last_error, failures, removed_at, updated_at, warned_for)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                    "INSERT INTO clients (name, status, fingerprint, reason, last_refresh_at, last_error, failures, removed_at, updated_at, warned_for, refresh_started_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                      ON CONFLICT(name) DO UPDATE SET status=excluded.status, fingerprint=excluded.fingerprint,
                        reason=excluded.reason, last_refresh_at=excluded.last_refresh_at, last_error=excluded.last_error,
                        failures=excluded.failures, removed_at=excluded.removed_at, updated_at=excluded.updated_at,
-                       warned_for=excluded.warned_for",
+                       warned_for=excluded.warned_for, refresh_started_at=excluded.refresh_started_at",
                 )?
                 .execute(params![
                     c.name,
@@ -374,7 +380,8 @@ fn apply_unit(conn: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
                     c.failures,
                     c.removed_at,
                     c.updated_at,
-                    c.warned_for
+                    c.warned_for,
+                    c.refresh_started_at
                 ])?;
             }
             Write::Token {
@@ -462,7 +469,8 @@ fn load_all(conn: &Connection) -> rusqlite::Result<Vec<Stored>> {
     let mut stmt = conn.prepare(
         "SELECT c.name, c.status, c.fingerprint, c.reason, c.last_refresh_at, c.last_error, c.failures, c.removed_at, c.updated_at,
                 t.access_token, t.token_type, t.refresh_token, t.id_token, t.scope, t.expires_at, t.refresh_expires_at,
-                t.obtained_at, t.generation, t.granted_at, t.extra, c.warned_for, t.refresh_expiry_slides
+                t.obtained_at, t.generation, t.granted_at, t.extra, c.warned_for, t.refresh_expiry_slides,
+                c.refresh_started_at
          FROM clients c LEFT JOIN tokens t ON t.client = c.name",
     )?;
     let rows = stmt.query_map([], |r| {
@@ -477,6 +485,7 @@ fn load_all(conn: &Connection) -> rusqlite::Result<Vec<Stored>> {
             removed_at: r.get(7)?,
             updated_at: r.get(8)?,
             warned_for: r.get(20)?,
+            refresh_started_at: r.get(22)?,
         };
         let token = match r.get::<_, Option<String>>(9)? {
             None => None,
@@ -534,6 +543,7 @@ mod tests {
             removed_at: None,
             updated_at: 1,
             warned_for: None,
+            refresh_started_at: None,
         }
     }
 

@@ -5,6 +5,12 @@ use crate::secret::Secret;
 use serde_json::{Map, Value};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// A Unix-millisecond time for people: UTC, RFC 3339, to the second.
+pub fn show_time(ms: i64) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct TokenSet {
     pub access_token: Secret,
