@@ -215,3 +215,70 @@ fn the_socket_serves_only_the_users_it_allows() {
     let o = cli_as_nobody(&allowed, &["status"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
+
+/// Sends raw bytes on a new connection and reads what comes back (until close or 5 s).
+fn raw(daemon: &Daemon, bytes: &[u8]) -> String {
+    let mut s = UnixStream::connect(&daemon.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // The daemon may close before it has read everything: that is an answer too.
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn malformed_requests_get_clean_errors_and_never_stop_the_daemon() {
+    let daemon = Daemon::start("", CLIENTS);
+    let long_path = format!(
+        "GET /v1/clients/{} HTTP/1.1\r\nHost: x\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let huge_header = format!(
+        "GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(1_000_000)
+    );
+    let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
+        ("garbage", b"\x00\x01\x02 not http at all\r\n\r\n".to_vec(), &["HTTP/1.1 400"]),
+        ("a path of 100 kB", long_path.into_bytes(), &["HTTP/1.1 414"]),
+        ("a header of 1 MB", huge_header.into_bytes(), &["HTTP/1.1 431"]),
+        (
+            "an unknown method",
+            b"BREW /v1/health HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            &["HTTP/1.1 405"],
+        ),
+        (
+            "a NUL in the path",
+            b"GET /v1/clients/%00 HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            &["HTTP/1.1 404"],
+        ),
+        (
+            "a body announced at 100 MB, 1 MB sent",
+            [
+                b"POST /v1/clients/a/refresh HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n".to_vec(),
+                vec![b'x'; 1_000_000],
+            ]
+            .concat(),
+            // The body is not needed, so not read: the answer is the refresh's own.
+            &["HTTP/1.1 409"],
+        ),
+        (
+            "an unknown query parameter",
+            b"GET /v1/clients/a/token?min_valid=1&evil=1 HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            &["HTTP/1.1 400"],
+        ),
+    ];
+    for (what, bytes, expected) in cases {
+        let answer = raw(&daemon, &bytes);
+        assert!(
+            expected.iter().any(|e| answer.starts_with(e)),
+            "{what}: {}",
+            answer.chars().take(200).collect::<String>()
+        );
+        // Still serving after each.
+        let (status, _) = daemon.get("/v1/health").unwrap();
+        assert_eq!(status, 200, "{what}");
+    }
+    assert_eq!(daemon.cli(&["status"]).status.code(), Some(0));
+}
