@@ -24,6 +24,21 @@ fn parse_at(src: &str) -> Result<Config, ConfigError> {
     parse(src, Path::new("/etc/o/config.yaml"))
 }
 
+/// Each config is refused at `line:column` with a message holding the fragment.
+fn assert_refused(cases: &[(String, &str, &str)]) {
+    for (src, position, fragment) in cases {
+        let shown = match parse_at(src) {
+            Ok(_) => "accepted".to_string(),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            shown.starts_with(&format!("/etc/o/config.yaml:{position}: "))
+                && shown.contains(fragment),
+            "{src}\nexpected {position} {fragment:?}, got: {shown}"
+        );
+    }
+}
+
 #[test]
 fn a_good_config_resolves() {
     let c = parse_at(GOOD).unwrap();
@@ -371,17 +386,7 @@ fn signing_keys_are_read_and_checked_at_load() {
             "does not fit",
         ),
     ];
-    for (src, position, fragment) in cases {
-        let shown = match parse_at(&src) {
-            Ok(_) => "accepted".to_string(),
-            Err(e) => e.to_string(),
-        };
-        assert!(
-            shown.starts_with(&format!("/etc/o/config.yaml:{position}: "))
-                && shown.contains(fragment),
-            "{src}\nexpected {position} {fragment:?}, got: {shown}"
-        );
-    }
+    assert_refused(&cases);
 }
 
 #[test]
@@ -421,15 +426,5 @@ fn secrets_may_come_from_a_command() {
             "killed",
         ),
     ];
-    for (src, position, fragment) in cases {
-        let shown = match parse_at(&src) {
-            Ok(_) => "accepted".to_string(),
-            Err(e) => e.to_string(),
-        };
-        assert!(
-            shown.starts_with(&format!("/etc/o/config.yaml:{position}: "))
-                && shown.contains(fragment),
-            "{src}\nexpected {position} {fragment:?}, got: {shown}"
-        );
-    }
+    assert_refused(&cases);
 }
