@@ -346,7 +346,7 @@ impl Engine {
             ))
         })?;
         set_headers(&mut request, client);
-        let resp = self.send(request).await.map_err(|e| {
+        let resp = self.http().execute(request).await.map_err(|e| {
             GrantError::transient(format!(
                 "cannot reach the device authorization endpoint {shown}: {}",
                 http_error(e)
@@ -366,7 +366,7 @@ impl Engine {
         let request = token_request(&self.http(), client, &grant)?;
         let url = request.url().clone();
         let shown = shown_url(&url);
-        let resp = self.send(request).await.map_err(|e| {
+        let resp = self.http().execute(request).await.map_err(|e| {
             GrantError::transient(format!(
                 "cannot reach the token endpoint {shown}: {}",
                 http_error(e)
@@ -383,7 +383,7 @@ impl Engine {
         let request = revoke_request(&self.http(), client, token)?;
         // The template, not the request's URL: `revocation: url` puts the token in the path.
         let shown = client.endpoints.revoke.clone().unwrap_or_default();
-        let resp = self.send(request).await.map_err(|e| {
+        let resp = self.http().execute(request).await.map_err(|e| {
             GrantError::transient(format!(
                 "cannot reach the revocation endpoint {shown}: {}",
                 http_error(e)
@@ -403,12 +403,6 @@ impl Engine {
             Some(e) => Err(e),
             None => Ok(()),
         }
-    }
-}
-
-impl Engine {
-    async fn send(&self, request: reqwest::Request) -> Result<reqwest::Response, reqwest::Error> {
-        self.http().execute(request).await
     }
 }
 
