@@ -236,6 +236,24 @@ impl Client {
     fn pending(&self) -> MutexGuard<'_, Option<(AuthorizeReply, CancellationToken)>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// The authorization waiting for the user, unless it has expired.
+    fn waiting(&self, now: i64) -> Option<AuthorizeReply> {
+        self.pending()
+            .as_ref()
+            .filter(|(reply, _)| reply.expires_at > now)
+            .map(|(reply, _)| reply.clone())
+    }
+
+    /// Drops the waiting authorization if it is `state`; says whether it was.
+    fn take_pending(&self, state: &str) -> bool {
+        let mut pending = self.pending();
+        let current = pending.as_ref().is_some_and(|(r, _)| r.state == state);
+        if current {
+            pending.take();
+        }
+        current
+    }
 }
 
 /// Counters for `/metrics`.
@@ -438,7 +456,7 @@ impl Registry {
         for row in pending {
             let client = self.client(&row.client).filter(|_| row.expires_at > now);
             let Some(client) = client else {
-                self.forget_pending(row.state);
+                self.forget_pending(vec![row.state]);
                 continue;
             };
             let cfg = client.config();
@@ -461,7 +479,7 @@ impl Registry {
                 }
                 Err(e) => {
                     tracing::warn!(client = %row.client, "an authorization started before the restart cannot continue: {e}");
-                    self.forget_pending(row.state);
+                    self.forget_pending(vec![row.state]);
                 }
             }
         }
@@ -500,10 +518,18 @@ impl Registry {
         Ok(())
     }
 
-    fn forget_pending(&self, state: String) {
+    /// Forgets saved authorizations, in one commit, in the background.
+    fn forget_pending(&self, states: Vec<String>) {
+        if states.is_empty() {
+            return;
+        }
         let store = self.store.clone();
+        let writes = states
+            .into_iter()
+            .map(|state| Write::PendingDone { state })
+            .collect();
         self.tasks.spawn(async move {
-            let _ = store.commit(vec![Write::PendingDone { state }]).await;
+            let _ = store.commit(writes).await;
         });
     }
 
@@ -1389,8 +1415,7 @@ impl Registry {
         let now = now_ms();
         if !asked {
             // One waits for the user already: send them there, whatever its method.
-            let waiting = client.pending().as_ref().map(|(reply, _)| reply.clone());
-            if let Some(reply) = waiting.filter(|r| r.expires_at > now) {
+            if let Some(reply) = client.waiting(now) {
                 return Ok(reply);
             }
         }
@@ -1415,16 +1440,7 @@ impl Registry {
         let state = reply.state.clone();
         // One authorization per client at a time: a new one replaces those before (after it
         // registered, so that a fixed port keeps its listener).
-        for superseded in self.redirects.cancel_client(&client.name, &state) {
-            self.forget_pending(superseded);
-        }
-        let before = client.pending().replace((reply.clone(), cancel.clone()));
-        if let Some((old, old_cancel)) = before {
-            old_cancel.cancel();
-            if old.state != state {
-                self.forget_pending(old.state);
-            }
-        }
+        self.end_authorizations(&client, &state, Some((reply.clone(), cancel.clone())));
         let device = row.device.clone();
         let writes = {
             let mut st = client.state();
@@ -1449,12 +1465,7 @@ impl Registry {
         if let Err(e) = self.store.commit(writes).await {
             self.redirects.take(&state);
             cancel.cancel();
-            {
-                let mut pending = client.pending();
-                if pending.as_ref().is_some_and(|(r, _)| r.state == state) {
-                    pending.take();
-                }
-            }
+            client.take_pending(&state);
             let mut st = client.state();
             if st.status == Status::Authorizing {
                 st.status = before_status;
@@ -1636,12 +1647,7 @@ impl Registry {
             return None;
         }
         if !cfg.auto_authorize {
-            let now = now_ms();
-            return client
-                .pending()
-                .as_ref()
-                .filter(|(r, _)| r.expires_at > now)
-                .map(|(r, _)| r.clone());
+            return client.waiting(now_ms());
         }
         // The one waiting, if any (checked under the client's start lock), else a new one.
         match self.start_authorization(&client.name, None, false).await {
@@ -1781,15 +1787,7 @@ impl Registry {
         let mut writes = vec![Write::PendingDone {
             state: state.to_string(),
         }];
-        let current = {
-            let mut pending = client.pending();
-            let current = pending.as_ref().is_some_and(|(r, _)| r.state == state);
-            if current {
-                pending.take();
-            }
-            current
-        };
-        if !current {
+        if !client.take_pending(state) {
             // Replaced while it finished: its token (if any) was stored, but the outcome and
             // the status belong to the authorization that replaced it.
             if let Err((error, message)) = &result {
@@ -1985,20 +1983,38 @@ impl Registry {
     /// Ends every authorization waiting for this client (its tokens were just dropped on
     /// request: a code entered later must not bring them back).
     fn cancel_authorizations(&self, client: &Arc<Client>) {
-        let waiting = client.pending().take();
-        for state in self.redirects.cancel_client(&client.name, "") {
-            self.forget_pending(state);
-        }
-        if let Some((reply, cancel)) = waiting {
-            cancel.cancel();
+        if let Some(reply) = self.end_authorizations(client, "", None) {
             client.set_outcome(outcome(
                 &reply.state,
                 "failed",
                 Some("cancelled".into()),
                 Some("the client's tokens were deleted on request; start again".into()),
             ));
-            self.forget_pending(reply.state);
         }
+    }
+
+    /// Ends the authorizations waiting for this client, except `keep`, and puts `next` in
+    /// their place: device polling stops, redirect listeners close, and their saved rows are
+    /// forgotten, each once. Returns the one that was waiting.
+    fn end_authorizations(
+        &self,
+        client: &Client,
+        keep: &str,
+        next: Option<(AuthorizeReply, CancellationToken)>,
+    ) -> Option<AuthorizeReply> {
+        let before = std::mem::replace(&mut *client.pending(), next).map(|(reply, cancel)| {
+            cancel.cancel();
+            reply
+        });
+        let mut ended = self.redirects.cancel_client(&client.name, keep);
+        if let Some(reply) = &before
+            && reply.state != keep
+            && !ended.contains(&reply.state)
+        {
+            ended.push(reply.state.clone());
+        }
+        self.forget_pending(ended);
+        before
     }
 
     // ---------------------------------------------------------------------------------------
@@ -2177,11 +2193,7 @@ fn info(c: &Client) -> ClientInfo {
             .iter()
             .map(|s| s.path.display().to_string())
             .collect(),
-        pending_authorization: c
-            .pending()
-            .as_ref()
-            .filter(|(reply, _)| reply.expires_at > now)
-            .map(|(reply, _)| Box::new(reply.clone())),
+        pending_authorization: c.waiting(now).map(Box::new),
     }
 }
 
