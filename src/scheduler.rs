@@ -37,6 +37,10 @@ pub const MIN_REFRESH_SPACING: Duration = Duration::from_secs(1);
 /// the wall-clock alarm be unavailable.
 pub const MAX_SLEEP: Duration = Duration::from_secs(30);
 
+/// Where the wall-clock alarm is set while no deadline is: 2200-01-01, far but fixed, so that
+/// it is not set again at each wake-up.
+const IDLE_ALARM_AT: i64 = 7_258_118_400_000;
+
 /// A wall clock that moved this much against the boot clock between two looks was set. NTP
 /// slews far less than this (at most 0.5 ms a second).
 pub const JUMP_THRESHOLD: Duration = Duration::from_secs(2);
@@ -445,10 +449,9 @@ async fn drive(
 ) {
     let mut timers = Timers::default();
     let mut detector = ClockWatch::default();
-    // Deadlines set before a jump are in the old clock and move with it; those set after are
-    // in the new one: so the clocks are looked at before each command is applied, too.
+    // The first look only takes the clocks' bearings.
+    follow(&mut detector, &mut timers, &clock, &jumped);
     loop {
-        follow(&mut detector, &mut timers, &clock, &jumped);
         let now = clock.wall_ms();
         for name in timers.pop_due(now) {
             fire(name);
@@ -459,21 +462,25 @@ async fn drive(
             None => MAX_SLEEP,
         };
         if let Some(a) = alarm.as_mut() {
-            // Without a deadline, a far one: the alarm still hears of clock changes.
-            a.arm(next.unwrap_or(now + 365 * 86_400_000));
+            // Without a deadline, a fixed far one: the alarm still hears of clock changes.
+            a.arm(next.unwrap_or(IDLE_ALARM_AT));
         }
-        tokio::select! {
+        let command = tokio::select! {
             _ = shutdown.cancelled() => return,
-            cmd = rx.recv() => {
-                follow(&mut detector, &mut timers, &clock, &jumped);
-                match cmd {
-                    Some(Command::Set(name, at)) => timers.set(name, at),
-                    Some(Command::Remove(name)) => timers.remove(&name),
-                    None => return,
-                }
-            }
-            _ = tokio::time::sleep(sleep) => {}
-            _ = ring(&mut alarm) => {}
+            cmd = rx.recv() => match cmd {
+                Some(cmd) => Some(cmd),
+                None => return,
+            },
+            _ = tokio::time::sleep(sleep) => None,
+            _ = ring(&mut alarm) => None,
+        };
+        // Deadlines set before a jump are in the old clock and move with it; a command sent
+        // after it is in the new one: so the clocks are looked at before it is applied.
+        follow(&mut detector, &mut timers, &clock, &jumped);
+        match command {
+            Some(Command::Set(name, at)) => timers.set(name, at),
+            Some(Command::Remove(name)) => timers.remove(&name),
+            None => {}
         }
     }
 }
@@ -831,6 +838,9 @@ mod tests {
         let Ok(mut alarm) = WallAlarm::new() else {
             return; // No timerfd here (not Linux): the driver falls back to MAX_SLEEP.
         };
+        // The idle time is one the kernel takes.
+        alarm.arm(IDLE_ALARM_AT);
+        assert_eq!(alarm.armed_at, Some(IDLE_ALARM_AT));
         let at = crate::token::now_ms() + 100;
         alarm.arm(at);
         tokio::time::timeout(Duration::from_secs(2), alarm.rings())
