@@ -97,6 +97,13 @@ pub fn from_command(argv: &[String], timeout: Duration) -> Result<String, String
     };
     let out = stdout.join().unwrap_or_default();
     let err = stderr.join().unwrap_or_default();
+    // First, as the reader stops at the cap: the command then dies of SIGPIPE, and its
+    // exit status would hide the reason.
+    if out.len() as u64 > MAX_COMMAND_OUTPUT {
+        return Err(format!(
+            "{program:?} printed more than {MAX_COMMAND_OUTPUT} bytes; a secret is one line"
+        ));
+    }
     if !status.success() {
         let first = String::from_utf8_lossy(&err);
         let first = first
@@ -107,11 +114,6 @@ pub fn from_command(argv: &[String], timeout: Duration) -> Result<String, String
             .take(200)
             .collect::<String>();
         return Err(format!("{program:?} failed ({status}): {first}"));
-    }
-    if out.len() as u64 > MAX_COMMAND_OUTPUT {
-        return Err(format!(
-            "{program:?} printed more than {MAX_COMMAND_OUTPUT} bytes; a secret is one line"
-        ));
     }
     let text = String::from_utf8(out)
         .map_err(|_| format!("{program:?} printed something that is not UTF-8"))?;
