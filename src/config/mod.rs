@@ -629,10 +629,24 @@ impl<'de> Deserialize<'de> for ClientMap {
 /// Reads, validates and resolves the config at `file`.
 pub fn load(file: &Path) -> Result<Config, ConfigError> {
     let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
-    let src = std::fs::read_to_string(&file).map_err(|e| ConfigError {
+    let bytes = std::fs::read(&file).map_err(|e| ConfigError {
         file: file.clone(),
         position: None,
         message: format!("cannot read the configuration: {e}"),
+    })?;
+    let src = String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        // Valid UTF-8 up to here, so counting chars gives the column an editor shows.
+        let column = String::from_utf8_lossy(&valid[line_start..])
+            .chars()
+            .count()
+            + 1;
+        ConfigError {
+            file: file.clone(),
+            position: Some((valid.iter().filter(|&&b| b == b'\n').count() + 1, column)),
+            message: "the file is not valid UTF-8 here".into(),
+        }
     })?;
     parse(&src, &file)
 }
@@ -659,10 +673,8 @@ fn from_yaml_error(file: &Path, e: &serde_yaml::Error) -> ConfigError {
     let mut message = e.to_string();
     let position = e.location().map(|l| (l.line(), l.column()));
     if let Some((line, column)) = position {
-        let suffix = format!(" at line {line} column {column}");
-        if let Some(stripped) = message.strip_suffix(&suffix) {
-            message = stripped.to_string();
-        }
+        // The position leads the line already; libyaml's scanner errors also carry it mid-text.
+        message = message.replacen(&format!(" at line {line} column {column}"), "", 1);
     }
     ConfigError {
         file: file.to_path_buf(),
@@ -1250,6 +1262,20 @@ impl Resolver<'_> {
             let path = Path::new(&s.path.0);
             let path = if path.is_absolute() {
                 path.to_path_buf()
+            } else if path
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+            {
+                // A relative path is a name inside the runtime directory; one that climbs out of
+                // it is almost always a mistake, and an absolute path says the same on purpose.
+                let p = ["clients", name, "sinks", &index, "path"];
+                return Err(self.error(
+                    &p,
+                    format!(
+                        "{:?} climbs out of the runtime directory with `..`: give an absolute path",
+                        s.path.0
+                    ),
+                ));
             } else {
                 paths.runtime_dir.join(path)
             };
@@ -1257,9 +1283,12 @@ impl Resolver<'_> {
                 let p = ["clients", name, "sinks", &index, "path"];
                 return Err(self.error(&p, format!("{:?} names a folder, not a file", s.path.0)));
             }
-            if path == paths.socket || path == paths.database() {
+            if path == paths.socket || path == paths.database() || path == self.file {
                 let p = ["clients", name, "sinks", &index, "path"];
-                return Err(self.error(&p, "would overwrite the daemon's own socket or database"));
+                return Err(self.error(
+                    &p,
+                    "would overwrite the daemon's own socket, database or configuration",
+                ));
             }
             let group = match s.group {
                 Some(g) => Some(self.group(&["clients", name, "sinks", &index, "group"], &g.0)?),
