@@ -38,15 +38,40 @@ impl From<String> for Secret {
     }
 }
 
-/// The most a secret command may print: secrets are short; more is a mistake (a command that
-/// prints a file, say) and is refused rather than read without end.
-const MAX_COMMAND_OUTPUT: u64 = 64 * 1024;
+/// The most a secret command may print or a secret file may hold. Secrets are short (a Google
+/// service-account key, the largest, is about 2.4 kB); more is a mistake (a command that prints
+/// a file, `/dev/zero` named as the file) and is refused rather than read without end.
+const MAX_SECRET_BYTES: u64 = 64 * 1024;
+
+/// Reads a secret file (or systemd credential), the final newline trimmed, refusing one over
+/// `MAX_SECRET_BYTES`.
+pub fn from_file(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let cannot = |e: &dyn std::fmt::Display| format!("cannot read {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(|e| cannot(&e))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| cannot(&e))?;
+    if bytes.len() as u64 > MAX_SECRET_BYTES {
+        return Err(format!(
+            "{} holds more than {MAX_SECRET_BYTES} bytes; a secret file holds one secret",
+            path.display()
+        ));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| cannot(&"not UTF-8 text"))?;
+    Ok(text.trim_end_matches(['\r', '\n']).to_string())
+}
 
 /// Runs `argv` without a shell and returns what it prints on stdout, the final newline
 /// trimmed. It is killed after `timeout`. Errors name the program and quote its stderr (the
 /// first line), never its stdout.
 pub fn from_command(argv: &[String], timeout: Duration) -> Result<String, String> {
     use std::io::Read;
+    // The config fuzzer feeds arbitrary configs through the loader: it must never run them.
+    if cfg!(fuzzing) {
+        return Err("secret commands are not run under the fuzzer".into());
+    }
     let (program, args) = argv.split_first().ok_or("the command is empty")?;
     let mut child = std::process::Command::new(program)
         .args(args)
@@ -60,7 +85,7 @@ pub fn from_command(argv: &[String], timeout: Duration) -> Result<String, String
         std::thread::spawn(move || {
             let mut out = Vec::new();
             if let Some(p) = pipe {
-                let _ = p.take(MAX_COMMAND_OUTPUT + 1).read_to_end(&mut out);
+                let _ = p.take(MAX_SECRET_BYTES + 1).read_to_end(&mut out);
             }
             out
         })
@@ -99,9 +124,9 @@ pub fn from_command(argv: &[String], timeout: Duration) -> Result<String, String
     let err = stderr.join().unwrap_or_default();
     // First, as the reader stops at the cap: the command then dies of SIGPIPE, and its
     // exit status would hide the reason.
-    if out.len() as u64 > MAX_COMMAND_OUTPUT {
+    if out.len() as u64 > MAX_SECRET_BYTES {
         return Err(format!(
-            "{program:?} printed more than {MAX_COMMAND_OUTPUT} bytes; a secret is one line"
+            "{program:?} printed more than {MAX_SECRET_BYTES} bytes; a secret is one line"
         ));
     }
     if !status.success() {
@@ -146,6 +171,23 @@ mod tests {
         // stdout never shows in an error, even when the command fails after printing.
         let e = from_command(&sh("echo hunter2; exit 1"), long).unwrap_err();
         assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn files_give_their_first_secret_or_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        std::fs::write(&path, "hunter2\n").unwrap();
+        assert_eq!(from_file(&path).unwrap(), "hunter2");
+        let e = from_file(std::path::Path::new("/dev/zero")).unwrap_err();
+        assert!(e.contains("more than 65536 bytes"), "{e}");
+        std::fs::write(&path, b"\xff\xfe").unwrap();
+        assert!(from_file(&path).unwrap_err().contains("not UTF-8"));
+        let e = from_file(&dir.path().join("none")).unwrap_err();
+        assert!(
+            e.starts_with("cannot read ") && e.contains("No such file"),
+            "{e}"
+        );
     }
 
     #[test]

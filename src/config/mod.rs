@@ -1423,14 +1423,9 @@ impl Resolver<'_> {
     }
 
     fn secret(&self, source: SecretSource, what: &str) -> Result<Secret, String> {
-        let read = |path: PathBuf| {
-            std::fs::read_to_string(&path)
-                .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))
-        };
         let value = match source {
             SecretSource::Inline(s) => s,
-            SecretSource::File(p) => read(self.path(&p))?,
+            SecretSource::File(p) => crate::secret::from_file(&self.path(&p))?,
             SecretSource::Env(var) => std::env::var(&var)
                 .map_err(|_| format!("environment variable {var} is not set (or not UTF-8)"))?,
             SecretSource::Command(argv, timeout) => crate::secret::from_command(&argv, timeout)?,
@@ -1441,7 +1436,7 @@ impl Resolver<'_> {
                 let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
                     format!("credential {name:?} needs systemd's CREDENTIALS_DIRECTORY (LoadCredential= in the unit)")
                 })?;
-                read(PathBuf::from(dir).join(name))?
+                crate::secret::from_file(&PathBuf::from(dir).join(name))?
             }
         };
         if value.is_empty() {
