@@ -18,5 +18,6 @@ pub mod scheduler;
 pub mod secret;
 pub mod sink;
 pub mod store;
+pub mod text;
 pub mod token;
 pub mod wire;

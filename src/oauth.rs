@@ -2,6 +2,7 @@
 //! the client's profile says. It never looks at a provider's name and never stores anything:
 //! callers get a `TokenSet` or a classified `GrantError` and decide what to do with it.
 
+use crate::text;
 use crate::config::ClientConfig;
 use crate::provider::{
     ClientAuth, ExpiryField, Profile, RefreshMechanism, RequestEncoding, ResponseFormat, Revocation,
@@ -809,6 +810,7 @@ fn answer_error(
             .error_fields
             .iter()
             .find_map(|p| lookup(r, p).and_then(scalar_text))
+            .map(|c| text::one_line(&c, 100))
     });
     let failed_flag = fields.is_some_and(|r| {
         profile
@@ -825,7 +827,7 @@ fn answer_error(
             .error_description_fields
             .iter()
             .find_map(|p| lookup(r, p).and_then(scalar_text))
-            .map(|d| d.chars().take(300).collect::<String>())
+            .map(|d| text::one_line(&d, 300))
     });
     let error_code = raw_code.as_ref().map(|c| {
         profile
@@ -1388,6 +1390,18 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.class, ErrorClass::NeedsUser);
         assert!(e.message.contains("invalid_grant: revoked"));
+        // Server text cannot forge log lines (found by the token_response fuzz target).
+        let e = read(
+            "generic",
+            400,
+            JSON,
+            br#"{"error":"bad\nINFO forged","error_description":"x\r\nERROR forged\u0000"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.message,
+            r"token endpoint https://as.example/token answered 400 bad\nINFO forged: x\r\nERROR forged\u{0}"
+        );
         // GitHub: HTTP 200, form-encoded, its own code.
         let github = "error_codes: {bad_refresh_token: invalid_grant}";
         let e = read(github, 200, "application/x-www-form-urlencoded", b"error=bad_refresh_token&error_description=The+refresh+token+passed+is+incorrect+or+expired.").unwrap_err();

@@ -1710,9 +1710,11 @@ impl Registry {
     ) -> Result<(), (String, String)> {
         let code = match callback {
             Callback::Error { error, description } => {
-                let message =
-                    description.unwrap_or_else(|| "the authorization server refused".into());
-                return Err((error, message));
+                let message = description.map_or_else(
+                    || "the authorization server refused".into(),
+                    |d| crate::text::one_line(&d, 300),
+                );
+                return Err((crate::text::one_line(&error, 100), message));
             }
             Callback::Code { code, iss, params } => {
                 let cfg = client.config();

@@ -10,6 +10,7 @@
 pub mod locate;
 pub mod values;
 
+use crate::text::one_line;
 use crate::jwt;
 use crate::provider::{self, ClientAuth, PkceMode, Profile, ProfileSpec};
 use crate::secret::Secret;
@@ -37,13 +38,20 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.position {
+            // The message may quote the file (an unknown key with a newline in it, found by the
+            // config fuzz target): a refusal stays one line.
             Some((line, column)) => write!(
                 f,
                 "{}:{line}:{column}: {}",
                 self.file.display(),
-                self.message
+                one_line(&self.message, usize::MAX)
             ),
-            None => write!(f, "{}: {}", self.file.display(), self.message),
+            None => write!(
+                f,
+                "{}: {}",
+                self.file.display(),
+                one_line(&self.message, usize::MAX)
+            ),
         }
     }
 }
