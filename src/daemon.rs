@@ -7,6 +7,7 @@
 use crate::api;
 use crate::config::{self, Config};
 use crate::registry::Registry;
+use crate::seal::Sealer;
 use crate::store::{Store, Write};
 use futures::StreamExt;
 use std::collections::HashMap;
@@ -80,8 +81,8 @@ fn init_logging(config: &Config) {
 async fn serve(config: Arc<Config>) -> Result<(), DaemonError> {
     let start = |e: String| DaemonError::Start(e);
     let _lock = lock_state_dir(&config.paths.state_dir).map_err(start)?;
-    let (store, writer) =
-        Store::open(&config.paths.database()).map_err(|e| start(e.to_string()))?;
+    let (store, writer) = Store::open(&config.paths.database(), Sealer::new(&config.encryption))
+        .map_err(|e| start(e.to_string()))?;
     let listener = api::bind(
         &config.paths.socket,
         config.socket.mode,

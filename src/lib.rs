@@ -15,6 +15,7 @@ pub mod provider;
 pub mod redirect;
 pub mod registry;
 pub mod scheduler;
+pub mod seal;
 pub mod secret;
 pub mod sink;
 pub mod store;

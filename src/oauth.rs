@@ -2,12 +2,12 @@
 //! the client's profile says. It never looks at a provider's name and never stores anything:
 //! callers get a `TokenSet` or a classified `GrantError` and decide what to do with it.
 
-use crate::text;
 use crate::config::ClientConfig;
 use crate::provider::{
     ClientAuth, ExpiryField, Profile, RefreshMechanism, RequestEncoding, ResponseFormat, Revocation,
 };
 use crate::secret::Secret;
+use crate::text;
 use crate::token::{TokenSet, now_ms};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

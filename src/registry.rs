@@ -567,6 +567,11 @@ impl Registry {
         if old.paths != new.paths || old.socket != new.socket {
             changes.push("paths and socket settings take effect at the next restart".into());
         }
+        if old.encryption != new.encryption {
+            // The store re-encrypts everything when it opens; halfway through a run, values
+            // sealed under both key sets would mix.
+            changes.push("encryption keys take effect at the next restart".into());
+        }
         let mut writes = Vec::new();
         let now = now_ms();
         let existing = self.all();

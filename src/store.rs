@@ -6,7 +6,13 @@
 //! in its own savepoint: a unit that fails is rolled back alone and reported to its caller alone.
 //! A unit whose `commit` returned Ok is durable (WAL, synchronous=FULL): callers may then write
 //! sinks and announce it. Reads at start-up and for `status` use their own connections.
+//!
+//! Secret columns (tokens, PKCE verifiers, device codes) pass through a `Sealer`: encrypted at
+//! rest when `encryption.key` is set (see `seal.rs`). Opening the store brings every stored
+//! secret to the form the keys ask for (sealed under the current key, or in the clear) in one
+//! transaction, so a key rotation completes at the first start with the new key.
 
+use crate::seal::Sealer;
 use crate::secret::Secret;
 use crate::token::TokenSet;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -166,16 +172,35 @@ struct Unit {
 pub struct Store {
     path: PathBuf,
     tx: mpsc::UnboundedSender<Unit>,
+    sealer: Sealer,
 }
 
 impl Store {
-    /// Opens (creating, mode 0600) and migrates the database, and starts the writer thread.
-    pub fn open(path: &Path) -> Result<(Store, std::thread::JoinHandle<()>), StoreError> {
-        let conn = open_connection(path, true)?;
+    /// Opens (creating, mode 0600) and migrates the database, brings its secrets to the form
+    /// `sealer` writes, and starts the writer thread.
+    pub fn open(
+        path: &Path,
+        sealer: Sealer,
+    ) -> Result<(Store, std::thread::JoinHandle<()>), StoreError> {
+        let mut conn = open_connection(path, true)?;
+        if sealer.is_on() {
+            // Deleted and overwritten values are zeroed, not left in free space.
+            conn.execute_batch("PRAGMA secure_delete = ON;")
+                .map_err(|e| StoreError::Write(e.to_string()))?;
+        }
+        let resealed = reseal(&mut conn, &sealer)?;
+        if resealed > 0 {
+            tracing::info!(
+                values = resealed,
+                encrypted = sealer.is_on(),
+                "stored secrets rewritten for the configured encryption keys"
+            );
+        }
+        let writer_sealer = sealer.clone();
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer_loop(conn, rx, writer_sealer))
             .map_err(|e| StoreError::Open {
                 path: path.to_path_buf(),
                 message: format!("cannot start the writer: {e}"),
@@ -184,6 +209,7 @@ impl Store {
             Store {
                 path: path.to_path_buf(),
                 tx,
+                sealer,
             },
             writer,
         ))
@@ -206,7 +232,7 @@ impl Store {
     /// Every client and token, for start-up.
     pub fn load(&self) -> Result<Vec<Stored>, StoreError> {
         let conn = open_connection(&self.path, false)?;
-        load_all(&conn).map_err(|e| StoreError::Read(e.to_string()))
+        load_all(&conn, &self.sealer).map_err(|e| StoreError::Read(e.to_string()))
     }
 
     pub fn pending(&self) -> Result<Vec<PendingRow>, StoreError> {
@@ -216,17 +242,21 @@ impl Store {
             .map_err(read_err)?;
         let rows = stmt
             .query_map([], |r| {
+                let state: String = r.get(0)?;
+                let open = |column: usize, name: &str| {
+                    r.get::<_, Option<String>>(column)?
+                        .map(|v| opened(&self.sealer, &v, &pending_place(name, &state)))
+                        .transpose()
+                };
                 Ok(PendingRow {
-                    state: r.get(0)?,
                     client: r.get(1)?,
-                    pkce_verifier: r.get::<_, Option<String>>(2)?.map(Secret::new),
+                    pkce_verifier: open(2, "pkce_verifier")?.map(Secret::new),
                     redirect_uri: r.get(3)?,
                     created_at: r.get(4)?,
                     expires_at: r.get(5)?,
                     // A row this version cannot read is dropped like an expired one.
-                    device: r
-                        .get::<_, Option<String>>(6)?
-                        .and_then(|json| serde_json::from_str(&json).ok()),
+                    device: open(6, "device")?.and_then(|json| serde_json::from_str(&json).ok()),
+                    state,
                 })
             })
             .map_err(read_err)?;
@@ -255,6 +285,117 @@ impl Store {
 
 fn read_err(e: rusqlite::Error) -> StoreError {
     StoreError::Read(e.to_string())
+}
+
+/// Where a token secret is stored: the associated data that binds it to its row and column.
+fn token_place(column: &str, client: &str) -> String {
+    format!("tokens.{column}/{client}")
+}
+
+fn pending_place(column: &str, state: &str) -> String {
+    format!("pending_authorizations.{column}/{state}")
+}
+
+/// `stored` opened, as a row-mapping error when it cannot be (the message names the key).
+fn opened(sealer: &Sealer, stored: &str, place: &str) -> rusqlite::Result<String> {
+    sealer
+        .open(stored, place)
+        // Column usize::MAX: rusqlite then shows the seal error alone, which names the place.
+        .map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(
+                usize::MAX,
+                rusqlite::types::Type::Text,
+                Box::new(e),
+            )
+        })
+}
+
+/// A column that holds a secret, sealed when encryption is on.
+struct SealedColumn {
+    table: &'static str,
+    /// The column naming the row, bound into the seal.
+    key: &'static str,
+    column: &'static str,
+    place: fn(&str, &str) -> String,
+}
+
+const SEALED_COLUMNS: [SealedColumn; 5] = {
+    const fn tokens(column: &'static str) -> SealedColumn {
+        SealedColumn {
+            table: "tokens",
+            key: "client",
+            column,
+            place: token_place,
+        }
+    }
+    const fn pending(column: &'static str) -> SealedColumn {
+        SealedColumn {
+            table: "pending_authorizations",
+            key: "state",
+            column,
+            place: pending_place,
+        }
+    }
+    [
+        tokens("access_token"),
+        tokens("refresh_token"),
+        tokens("id_token"),
+        pending("pkce_verifier"),
+        pending("device"),
+    ]
+};
+
+/// Rewrites every stored secret that is not in the form `sealer` writes (in the clear while a
+/// key is set, under an old key, or sealed while encryption is off), in one transaction: a value
+/// that cannot be opened stops the start with nothing changed. Returns how many were rewritten.
+fn reseal(conn: &mut Connection, sealer: &Sealer) -> Result<usize, StoreError> {
+    let tx = conn
+        .transaction()
+        .map_err(|e| StoreError::Write(e.to_string()))?;
+    let mut rewritten = 0;
+    for SealedColumn {
+        table,
+        key,
+        column,
+        place,
+    } in SEALED_COLUMNS
+    {
+        let stale: Vec<(String, String)> = {
+            let mut stmt = tx
+                .prepare(&format!(
+                    "SELECT {key}, {column} FROM {table} WHERE {column} IS NOT NULL"
+                ))
+                .map_err(read_err)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .map_err(read_err)?;
+            rows.filter(|r| r.as_ref().is_ok_and(|(_, v)| sealer.is_stale(v)))
+                .collect::<Result<_, _>>()
+                .map_err(read_err)?
+        };
+        let mut update = tx
+            .prepare(&format!(
+                "UPDATE {table} SET {column} = ?1 WHERE {key} = ?2"
+            ))
+            .map_err(read_err)?;
+        for (row, stored) in stale {
+            let at = place(column, &row);
+            let value = sealer
+                .open(&stored, &at)
+                .map_err(|e| StoreError::Read(e.to_string()))?;
+            update
+                .execute(params![sealer.seal(&value, &at), row])
+                .map_err(|e| StoreError::Write(e.to_string()))?;
+            rewritten += 1;
+        }
+    }
+    tx.commit().map_err(|e| StoreError::Write(e.to_string()))?;
+    if rewritten > 0 {
+        // The old forms are still in the write-ahead log until it is checkpointed.
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(|e| StoreError::Write(e.to_string()))?;
+    }
+    Ok(rewritten)
 }
 
 fn open_connection(path: &Path, create: bool) -> Result<Connection, StoreError> {
@@ -313,7 +454,7 @@ fn migrate(conn: &Connection) -> Result<(), String> {
     Ok(())
 }
 
-fn writer_loop(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Unit>) {
+fn writer_loop(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Unit>, sealer: Sealer) {
     let mut batch = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -323,17 +464,17 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Unit>) {
                 Err(_) => break,
             }
         }
-        commit_batch(&mut conn, &mut batch);
+        commit_batch(&mut conn, &mut batch, &sealer);
     }
 }
 
-fn commit_batch(conn: &mut Connection, batch: &mut Vec<Unit>) {
+fn commit_batch(conn: &mut Connection, batch: &mut Vec<Unit>, sealer: &Sealer) {
     let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(batch.len());
     let outcome = (|| -> rusqlite::Result<()> {
         let mut tx = conn.transaction()?;
         for unit in batch.iter() {
             let sp = tx.savepoint()?;
-            match apply_unit(&sp, &unit.writes) {
+            match apply_unit(&sp, &unit.writes, sealer) {
                 Ok(()) => {
                     sp.commit()?;
                     results.push(Ok(()));
@@ -358,7 +499,7 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Unit>) {
     }
 }
 
-fn apply_unit(conn: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
+fn apply_unit(conn: &Connection, writes: &[Write], sealer: &Sealer) -> rusqlite::Result<()> {
     for w in writes {
         match w {
             Write::Client(c) => {
@@ -388,6 +529,9 @@ fn apply_unit(conn: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
                 client,
                 token: Some((t, generation)),
             } => {
+                let seal = |column: &str, v: &Secret| {
+                    sealer.seal(v.expose(), &token_place(column, client))
+                };
                 conn.prepare_cached(
                     "INSERT INTO tokens (client, access_token, token_type, refresh_token, id_token, scope, expires_at, refresh_expires_at, obtained_at, generation, granted_at, extra, refresh_expiry_slides)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
@@ -400,10 +544,10 @@ fn apply_unit(conn: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
                 )?
                 .execute(params![
                     client,
-                    t.access_token.expose(),
+                    seal("access_token", &t.access_token),
                     t.token_type,
-                    t.refresh_token.as_ref().map(Secret::expose),
-                    t.id_token.as_ref().map(Secret::expose),
+                    t.refresh_token.as_ref().map(|v| seal("refresh_token", v)),
+                    t.id_token.as_ref().map(|v| seal("id_token", v)),
                     t.scope,
                     t.expires_at,
                     t.refresh_expires_at,
@@ -429,13 +573,16 @@ fn apply_unit(conn: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
                 .execute(params![
                     p.state,
                     p.client,
-                    p.pkce_verifier.as_ref().map(Secret::expose),
+                    p.pkce_verifier
+                        .as_ref()
+                        .map(|v| sealer.seal(v.expose(), &pending_place("pkce_verifier", &p.state))),
                     p.redirect_uri,
                     p.created_at,
                     p.expires_at,
                     p.device
                         .as_ref()
                         .and_then(|d| serde_json::to_string(d).ok())
+                        .map(|json| sealer.seal(&json, &pending_place("device", &p.state)))
                 ])?;
             }
             Write::PendingDone { state } => {
@@ -465,7 +612,7 @@ fn apply_unit(conn: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn load_all(conn: &Connection) -> rusqlite::Result<Vec<Stored>> {
+fn load_all(conn: &Connection, sealer: &Sealer) -> rusqlite::Result<Vec<Stored>> {
     let mut stmt = conn.prepare(
         "SELECT c.name, c.status, c.fingerprint, c.reason, c.last_refresh_at, c.last_error, c.failures, c.removed_at, c.updated_at,
                 t.access_token, t.token_type, t.refresh_token, t.id_token, t.scope, t.expires_at, t.refresh_expires_at,
@@ -487,14 +634,19 @@ fn load_all(conn: &Connection) -> rusqlite::Result<Vec<Stored>> {
             warned_for: r.get(20)?,
             refresh_started_at: r.get(22)?,
         };
-        let token = match r.get::<_, Option<String>>(9)? {
+        let open = |column: usize, name: &str| {
+            r.get::<_, Option<String>>(column)?
+                .map(|v| opened(sealer, &v, &token_place(name, &row.name)).map(Secret::new))
+                .transpose()
+        };
+        let token = match open(9, "access_token")? {
             None => None,
-            Some(access) => Some((
+            Some(access_token) => Some((
                 TokenSet {
-                    access_token: Secret::new(access),
+                    access_token,
                     token_type: r.get(10)?,
-                    refresh_token: r.get::<_, Option<String>>(11)?.map(Secret::new),
-                    id_token: r.get::<_, Option<String>>(12)?.map(Secret::new),
+                    refresh_token: open(11, "refresh_token")?,
+                    id_token: open(12, "id_token")?,
                     scope: r.get(13)?,
                     expires_at: r.get(14)?,
                     refresh_expires_at: r.get(15)?,
@@ -567,7 +719,7 @@ mod tests {
     async fn commits_survive_reopening_and_file_is_private() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/state.db");
-        let (store, writer) = Store::open(&path).unwrap();
+        let (store, writer) = Store::open(&path, Sealer::clear()).unwrap();
         store
             .commit(vec![
                 Write::Client(row("a")),
@@ -583,7 +735,7 @@ mod tests {
         drop(store);
         writer.join().unwrap();
 
-        let (store, _writer) = Store::open(&path).unwrap();
+        let (store, _writer) = Store::open(&path, Sealer::clear()).unwrap();
         let all = store.load().unwrap();
         assert_eq!(all.len(), 1);
         let (t, generation) = all[0].token.clone().unwrap();
@@ -593,7 +745,7 @@ mod tests {
     #[tokio::test]
     async fn a_failing_unit_does_not_spoil_its_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _w) = Store::open(&dir.path().join("s.db")).unwrap();
+        let (store, _w) = Store::open(&dir.path().join("s.db"), Sealer::clear()).unwrap();
         // A token for a client that has no row breaks the foreign key: only that unit fails.
         let bad = store.commit(vec![
             Write::Client(row("x")),
@@ -622,7 +774,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_units_are_group_committed() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _w) = Store::open(&dir.path().join("s.db")).unwrap();
+        let (store, _w) = Store::open(&dir.path().join("s.db"), Sealer::clear()).unwrap();
         let units = (0..500).map(|i| {
             let s = store.clone();
             async move { s.commit(vec![Write::Client(row(&format!("c{i}")))]).await }
@@ -633,6 +785,107 @@ mod tests {
         assert_eq!(store.load().unwrap().len(), 500);
     }
 
+    fn sealer(current: Option<u8>, old: &[u8]) -> Sealer {
+        let key = |n: u8| crate::seal::Key::from_bytes([n; 32]);
+        Sealer::new(&crate::seal::Keys {
+            current: current.map(key),
+            old: old.iter().map(|&n| key(n)).collect(),
+        })
+    }
+
+    /// Every byte of the database and its write-ahead log.
+    fn file_bytes(path: &Path) -> Vec<u8> {
+        let mut all = std::fs::read(path).unwrap();
+        all.extend(std::fs::read(path.with_extension("db-wal")).unwrap_or_default());
+        all
+    }
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    }
+
+    #[tokio::test]
+    async fn secrets_are_sealed_at_rest_and_keys_rotate_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let pending = PendingRow {
+            state: "st".into(),
+            client: "a".into(),
+            pkce_verifier: Some(Secret::new("verifier-7f3a9c")),
+            redirect_uri: "http://127.0.0.1:1/cb".into(),
+            created_at: 1,
+            expires_at: i64::MAX,
+            device: None,
+        };
+        // Written in the clear first, as by a daemon before encryption was configured.
+        let (store, w) = Store::open(&path, Sealer::clear()).unwrap();
+        let writes = vec![
+            Write::Client(row("a")),
+            Write::Token {
+                client: "a".into(),
+                token: Some((token("access-5d1e8b"), 1)),
+            },
+            Write::Pending(pending),
+        ];
+        store.commit(writes).await.unwrap();
+        drop(store);
+        w.join().unwrap();
+        assert!(contains(&file_bytes(&path), "access-5d1e8b"));
+
+        // Key 1 configured: everything is sealed at open, and the clear text is gone from the
+        // file, free pages and log included.
+        let (store, w) = Store::open(&path, sealer(Some(1), &[])).unwrap();
+        let loaded = store.load().unwrap();
+        let (t, _) = loaded[0].token.as_ref().unwrap();
+        assert_eq!(t.access_token.expose(), "access-5d1e8b");
+        assert_eq!(t.refresh_token.as_ref().unwrap().expose(), "rt");
+        let pending = store.pending().unwrap();
+        assert_eq!(
+            pending[0].pkce_verifier.as_ref().unwrap().expose(),
+            "verifier-7f3a9c"
+        );
+        drop(store);
+        w.join().unwrap();
+        let bytes = file_bytes(&path);
+        for secret in ["access-5d1e8b", "verifier-7f3a9c"] {
+            assert!(!contains(&bytes, secret), "{secret} is still in the file");
+        }
+
+        // Without the key, the start is refused, naming it, and nothing is changed.
+        let key1 = crate::seal::Key::from_bytes([1; 32]);
+        for keys in [sealer(None, &[]), sealer(Some(2), &[])] {
+            let e = Store::open(&path, keys).err().unwrap().to_string();
+            assert!(e.contains(&format!("key {}", key1.id())), "{e}");
+        }
+        // Rotated: key 2 current, key 1 old. Values move to key 2; then key 1 can go.
+        let (store, w) = Store::open(&path, sealer(Some(2), &[1])).unwrap();
+        drop(store);
+        w.join().unwrap();
+        let (store, w) = Store::open(&path, sealer(Some(2), &[])).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(
+            loaded[0].token.as_ref().unwrap().0.access_token.expose(),
+            "access-5d1e8b"
+        );
+        drop(store);
+        w.join().unwrap();
+        // Turned off: the old key opens everything, which is stored in the clear again.
+        let (store, w) = Store::open(&path, sealer(None, &[2])).unwrap();
+        drop(store);
+        w.join().unwrap();
+        let (store, _w) = Store::open(&path, Sealer::clear()).unwrap();
+        assert_eq!(
+            store.pending().unwrap()[0]
+                .pkce_verifier
+                .as_ref()
+                .unwrap()
+                .expose(),
+            "verifier-7f3a9c"
+        );
+    }
+
     #[test]
     fn refuses_a_newer_schema() {
         let dir = tempfile::tempdir().unwrap();
@@ -640,7 +893,7 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch("PRAGMA user_version = 99").unwrap();
         drop(conn);
-        let e = Store::open(&path).err().unwrap();
+        let e = Store::open(&path, Sealer::clear()).err().unwrap();
         assert!(e.to_string().contains("newer oauth2mci"), "{e}");
     }
 }

@@ -10,10 +10,10 @@
 pub mod locate;
 pub mod values;
 
-use crate::text::one_line;
 use crate::jwt;
 use crate::provider::{self, ClientAuth, PkceMode, Profile, ProfileSpec};
 use crate::secret::Secret;
+use crate::text::one_line;
 use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use sha2::{Digest, Sha256};
@@ -70,6 +70,8 @@ pub struct Config {
     pub notify: NotifyConfig,
     pub history: HistoryConfig,
     pub limits: Limits,
+    /// Keys for encryption at rest of the tokens in the store; empty: stored in the clear.
+    pub encryption: crate::seal::Keys,
     pub clients: BTreeMap<String, Arc<ClientConfig>>,
 }
 
@@ -338,6 +340,8 @@ struct RawConfig {
     history: RawHistory,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    encryption: RawEncryption,
     clients: ClientMap,
 }
 
@@ -438,6 +442,13 @@ struct RawHistory {
     retention: Option<Dur>,
     keep_removed: Option<Dur>,
     prune: Option<CronExpr>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEncryption {
+    key: Option<SecretSource>,
+    old_keys: Option<Vec<SecretSource>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -947,6 +958,7 @@ impl Resolver<'_> {
             return Err(self.error(&["limits", "request_timeout"], "must be at least 1s"));
         }
         let global_refresh = self.refresh(&RawRefresh::default(), &raw.refresh, &["refresh"])?;
+        let encryption = self.encryption(raw.encryption)?;
 
         let mut clients = BTreeMap::new();
         let mut sink_owner: HashMap<PathBuf, (String, usize)> = HashMap::new();
@@ -976,8 +988,38 @@ impl Resolver<'_> {
             notify,
             history,
             limits,
+            encryption,
             clients,
         })
+    }
+
+    fn encryption(&self, raw: RawEncryption) -> Result<crate::seal::Keys, ConfigError> {
+        let key = |source: SecretSource, at: &[&str]| {
+            if matches!(source, SecretSource::Inline(_)) {
+                // The key guards the database against whoever can read it; the config file is
+                // usually easier to read than the database.
+                return Err(self.error(
+                    at,
+                    "give the key as {file: PATH}, {credential: NAME}, {env: VAR} or {command: [...]}, not written in the config",
+                ));
+            }
+            let text = self
+                .secret(source, &show_path(at))
+                .map_err(|m| self.error(at, m))?;
+            crate::seal::Key::parse(text.expose()).map_err(|m| self.error(at, m))
+        };
+        let current = raw
+            .key
+            .map(|s| key(s, &["encryption", "key"]))
+            .transpose()?;
+        let old = raw
+            .old_keys
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| key(s, &["encryption", "old_keys", &i.to_string()]))
+            .collect::<Result<_, _>>()?;
+        Ok(crate::seal::Keys { current, old })
     }
 
     fn refresh(
