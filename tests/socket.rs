@@ -282,3 +282,76 @@ fn malformed_requests_get_clean_errors_and_never_stop_the_daemon() {
     }
     assert_eq!(daemon.cli(&["status"]).status.code(), Some(0));
 }
+
+/// Slowloris: connections that trickle a header a byte at a time, for longer than the 10 s the
+/// daemon gives a request head, and a body announced and trickled after a complete head. Others
+/// are served at once meanwhile; each trickler is cut off by the header timeout, not held open.
+#[test]
+fn trickling_clients_are_cut_off_and_delay_nobody() {
+    use std::time::Instant;
+    let daemon = Daemon::start("", CLIENTS);
+    let started = Instant::now();
+    let tricklers: Vec<_> = (0..16)
+        .map(|i| {
+            let socket = daemon.socket.clone();
+            std::thread::spawn(move || {
+                let mut s = UnixStream::connect(&socket).unwrap();
+                let head: &[u8] = if i % 2 == 0 {
+                    b"GET /v1/clients HTTP/1.1\r\nX-Slow: "
+                } else {
+                    b"POST /v1/reload HTTP/1.1\r\nContent-Length: 1000\r\n\r\n"
+                };
+                s.write_all(head).unwrap();
+                // A byte every 300 ms for up to 20 s: far past the header timeout.
+                for _ in 0..66 {
+                    std::thread::sleep(Duration::from_millis(300));
+                    if s.write_all(b"a").is_err() {
+                        break;
+                    }
+                }
+                let mut answer = String::new();
+                let _ = s.read_to_string(&mut answer);
+                (Instant::now() - started, answer)
+            })
+        })
+        .collect();
+    // Meanwhile others are served as if nothing were going on.
+    std::thread::sleep(Duration::from_secs(2));
+    for _ in 0..50 {
+        let asked = Instant::now();
+        let (status, _) =
+            oauth2mci::cli::request(&daemon.socket, "GET", "/v1/health", Duration::from_secs(5))
+                .unwrap();
+        assert_eq!(status, 200);
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            asked.elapsed()
+        );
+    }
+    for (i, t) in tricklers.into_iter().enumerate() {
+        let (ended, answer) = t.join().unwrap();
+        if i % 2 == 0 {
+            // Cut off by the header timeout (10 s), well before the 20 s of trickling ended.
+            assert!(
+                ended < Duration::from_secs(16),
+                "header trickler {i} held for {ended:?}"
+            );
+            assert!(
+                answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+                "{answer}"
+            );
+        } else {
+            // A complete head is answered at once; the trickled body is never waited for.
+            assert!(
+                answer.starts_with("HTTP/1.1 "),
+                "body trickler {i}: {answer:?}"
+            );
+            assert!(
+                ended < Duration::from_secs(16),
+                "body trickler {i} held for {ended:?}"
+            );
+        }
+    }
+    assert_eq!(daemon.get("/v1/health").unwrap().0, 200);
+}
