@@ -388,12 +388,7 @@ async fn metrics(State(r): State<Arc<Registry>>) -> Response {
 /// and gives it `mode` (and `gid`) before anyone can connect.
 pub fn bind(path: &FsPath, mode: u32, gid: Option<u32>) -> Result<UnixListener, String> {
     if let Some(dir) = path.parent() {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        crate::sink::make_dir(dir, gid)?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {

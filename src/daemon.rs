@@ -152,12 +152,8 @@ async fn serve(config: Arc<Config>) -> Result<(), DaemonError> {
 /// One daemon per state folder: two would refresh the same tokens and invalidate each other's
 /// rotated refresh tokens.
 fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| format!("cannot create the state folder {}: {e}", dir.display()))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    crate::sink::make_dir(dir, None)?;
     let path = dir.join("lock");
     let file = std::fs::OpenOptions::new()
         .create(true)

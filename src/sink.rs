@@ -65,6 +65,38 @@ pub fn render(format: SinkFormat, client: &str, token: &TokenSet) -> String {
     }
 }
 
+/// Creates `dir` and its missing parents, private to the daemon's user (0700). With `group`, the
+/// folder itself is given to that group with mode 0710 (an existing one of ours gains the group's
+/// search bit): members can open a file whose name they know (the socket, a token file shared
+/// with them) but cannot list the folder. Without it, a file shared with a group would sit in a
+/// folder the group cannot enter.
+pub fn make_dir(dir: &Path, group: Option<u32>) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create folder {}: {e}", dir.display()))?;
+    let Some(gid) = group else {
+        return Ok(());
+    };
+    let meta = fs::metadata(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
+        // Not ours (a shared /run, say): its owner decides who enters it.
+        return Ok(());
+    }
+    if meta.gid() != gid {
+        std::os::unix::fs::chown(dir, None, Some(gid))
+            .map_err(|e| format!("cannot give folder {} to group {gid}: {e}", dir.display()))?;
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o010 == 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode | 0o010))
+            .map_err(|e| format!("cannot set the mode of {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
 /// Writes one sink atomically.
 pub fn write(sink: &SinkConfig, client: &str, token: &TokenSet) -> Result<(), SinkError> {
     write_bytes(
@@ -100,11 +132,7 @@ pub fn write_bytes(
     let dir = path
         .parent()
         .ok_or_else(|| err(path, "has no parent folder".into()))?;
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| err(path, format!("cannot create folder {}: {e}", dir.display())))?;
+    make_dir(dir, gid).map_err(|m| err(path, m))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("token");
     let tmp = dir.join(format!(".{name}.{}.tmp", crate::oauth::random_token(6)));
     let result = (|| {

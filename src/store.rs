@@ -16,7 +16,7 @@ use crate::seal::Sealer;
 use crate::secret::Secret;
 use crate::token::TokenSet;
 use rusqlite::{Connection, OptionalExtension, params};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use tokio::sync::{mpsc, oneshot};
 
@@ -405,11 +405,7 @@ fn open_connection(path: &Path, create: bool) -> Result<Connection, StoreError> 
     };
     if create {
         if let Some(dir) = path.parent() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
+            crate::sink::make_dir(dir, None).map_err(fail)?;
         }
         // Create the file ourselves so it is 0600 from its first byte; SQLite gives the -wal and
         // -shm files the same mode.

@@ -214,6 +214,15 @@ fn the_socket_serves_only_the_users_it_allows() {
     open_up(&allowed);
     let o = cli_as_nobody(&allowed, &["status"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+
+    // Shared with a group as configured, nothing opened by hand: the daemon gives the socket's
+    // folder to the group (0710: enter, not list), so a member reaches the socket.
+    let shared = Daemon::start("socket:\n  group: nogroup\n  mode: \"0660\"\n", CLIENTS);
+    std::fs::set_permissions(shared.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = std::fs::metadata(shared.path("run")).unwrap();
+    assert_eq!(run.permissions().mode() & 0o777, 0o710);
+    let o = cli_as_nobody(&shared, &["status"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
 
 /// Sends raw bytes on a new connection and reads what comes back (until close or 5 s).
