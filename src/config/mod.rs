@@ -419,6 +419,13 @@ struct LogFilter(String);
 impl<'de> Deserialize<'de> for LogFilter {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
+        if !s.is_ascii() {
+            // tracing-subscriber 0.3 panics on some non-ASCII filters (found by the config fuzz
+            // target), and targets, levels and span names are ASCII anyway.
+            return Err(de::Error::custom(format!(
+                "expected a log level (error, warn, info, debug, trace) or a tracing filter, found {s:?} (only ASCII is allowed)"
+            )));
+        }
         tracing_subscriber::EnvFilter::try_new(&s).map_err(|e| {
             de::Error::custom(format!(
                 "expected a log level (error, warn, info, debug, trace) or a tracing filter, found {s:?} ({e})"

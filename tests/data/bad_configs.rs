@@ -219,4 +219,5 @@
     ("encryption:\n  key: c2VjcmV0\nclients: {}\n", "2:8", "encryption.key: give the key as {file: PATH}"),
     ("encryption:\n  key: {command: [echo, too-short]}\nclients: {}\n", "2:8", "encryption.key: an encryption key is 32 random bytes"),
     ("encryption:\n  old_keys: [{env: OAUTH2MCI_TEST_UNSET_VAR}]\nclients: {}\n", "2:14", "encryption.old_keys[0]: environment variable OAUTH2MCI_TEST_UNSET_VAR is not set"),
+    ("log:\n  level: \"info,é[{x=ᤢ}]\"\nclients: {}\n", "2:3", "only ASCII is allowed"),
 ]
