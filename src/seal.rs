@@ -17,6 +17,9 @@ use sha2::{Digest, Sha256};
 use std::fmt;
 
 const PREFIX: &str = "oauth2mci:v1:";
+/// Marks a value stored in the clear that would otherwise look sealed (a server can send any
+/// token, `oauth2mci:v1:...` included).
+const CLEAR: &str = "oauth2mci:clear:";
 const NONCE_LEN: usize = 24;
 
 /// A 256-bit key. Debug never shows it.
@@ -127,7 +130,11 @@ impl Sealer {
     /// `value` as it is to be stored for `place` (`tokens.access_token/CLIENT`).
     pub fn seal(&self, value: &str, place: &str) -> String {
         let Some((id, cipher)) = &self.current else {
-            return value.to_string();
+            return if value.starts_with("oauth2mci:") {
+                format!("{CLEAR}{value}")
+            } else {
+                value.to_string()
+            };
         };
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
@@ -145,6 +152,9 @@ impl Sealer {
 
     /// The value stored for `place`, opened when sealed.
     pub fn open(&self, stored: &str, place: &str) -> Result<String, SealError> {
+        if let Some(clear) = stored.strip_prefix(CLEAR) {
+            return Ok(clear.to_string());
+        }
         let Some(rest) = stored.strip_prefix(PREFIX) else {
             return Ok(stored.to_string());
         };
@@ -152,38 +162,40 @@ impl Sealer {
         let (id, data) = rest
             .split_once(':')
             .ok_or_else(|| SealError::Malformed { what: what() })?;
-        let cipher = self
-            .by_id
-            .iter()
-            .find(|(k, _)| k == id)
-            .map(|(_, c)| c)
-            .ok_or_else(|| SealError::UnknownKey {
-                what: what(),
-                id: id.to_string(),
-            })?;
         let data = URL_SAFE_NO_PAD
             .decode(data)
             .ok()
             .filter(|d| d.len() > NONCE_LEN)
             .ok_or_else(|| SealError::Malformed { what: what() })?;
         let (nonce, sealed) = data.split_at(NONCE_LEN);
-        let payload = Payload {
-            msg: sealed,
-            aad: place.as_bytes(),
-        };
+        // Ids are 32 bits: two configured keys may share one, so each is tried.
+        let mut candidates = self.by_id.iter().filter(|(k, _)| k == id).peekable();
+        if candidates.peek().is_none() {
+            return Err(SealError::UnknownKey {
+                what: what(),
+                id: id.to_string(),
+            });
+        }
         let damaged = || SealError::Damaged {
             what: what(),
             id: id.to_string(),
         };
-        let plain = cipher
-            .decrypt(XNonce::from_slice(nonce), payload)
-            .map_err(|_| damaged())?;
+        let plain = candidates
+            .find_map(|(_, cipher)| {
+                let payload = Payload {
+                    msg: sealed,
+                    aad: place.as_bytes(),
+                };
+                cipher.decrypt(XNonce::from_slice(nonce), payload).ok()
+            })
+            .ok_or_else(damaged)?;
         String::from_utf8(plain).map_err(|_| damaged())
     }
 
     /// Whether `stored` is not in the form `seal` would write now: in the clear while a key is
     /// set, under another key than the current one, or sealed while encryption is off.
     pub fn is_stale(&self, stored: &str) -> bool {
+        // A value marked clear is not sealed: `strip_prefix(PREFIX)` is None for it.
         match (&self.current, stored.strip_prefix(PREFIX)) {
             (Some(_), None) => true,
             (Some((id, _)), Some(rest)) => rest.split_once(':').map(|(k, _)| k) != Some(id),
@@ -271,6 +283,14 @@ mod tests {
         assert!(off.is_stale(&old) && !off.is_stale("plain"));
         assert_eq!(off.seal("v", "p"), "v");
         assert_eq!(Sealer::clear().open("plain", "p").unwrap(), "plain");
+        // A server's token that looks sealed is stored marked, and read back as it came.
+        let odd = "oauth2mci:v1:evil:AAAA";
+        let stored = off.seal(odd, "p");
+        assert_ne!(stored, odd);
+        assert_eq!(Sealer::clear().open(&stored, "p").unwrap(), odd);
+        assert!(!off.is_stale(&stored) && rotated.is_stale(&stored));
+        let sealed = rotated.seal(odd, "p");
+        assert_eq!(rotated.open(&sealed, "p").unwrap(), odd);
     }
 
     #[test]

@@ -66,12 +66,13 @@ pub fn render(format: SinkFormat, client: &str, token: &TokenSet) -> String {
 }
 
 /// Creates `dir` and its missing parents, private to the daemon's user (0700). With `group`, the
-/// folder itself is given to that group with mode 0710 (an existing one of ours gains the group's
-/// search bit): members can open a file whose name they know (the socket, a token file shared
-/// with them) but cannot list the folder. Without it, a file shared with a group would sit in a
-/// folder the group cannot enter.
+/// folders this call creates are given to that group with mode 0710: members can open a file
+/// whose name they know (the socket, a token file shared with them) but cannot list the folder.
+/// Folders that already exist are left as their owner set them; if the group cannot enter the
+/// last one, a warning says what to change.
 pub fn make_dir(dir: &Path, group: Option<u32>) -> Result<(), String> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -80,19 +81,27 @@ pub fn make_dir(dir: &Path, group: Option<u32>) -> Result<(), String> {
     let Some(gid) = group else {
         return Ok(());
     };
-    let meta = fs::metadata(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
-    if meta.uid() != nix::unistd::geteuid().as_raw() {
-        // Not ours (a shared /run, say): its owner decides who enters it.
-        return Ok(());
+    for created in &missing {
+        std::os::unix::fs::chown(created, None, Some(gid)).map_err(|e| {
+            format!(
+                "cannot give folder {} to group {gid}: {e}",
+                created.display()
+            )
+        })?;
+        fs::set_permissions(created, fs::Permissions::from_mode(0o710))
+            .map_err(|e| format!("cannot set the mode of {}: {e}", created.display()))?;
     }
-    if meta.gid() != gid {
-        std::os::unix::fs::chown(dir, None, Some(gid))
-            .map_err(|e| format!("cannot give folder {} to group {gid}: {e}", dir.display()))?;
-    }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o010 == 0 {
-        fs::set_permissions(dir, fs::Permissions::from_mode(mode | 0o010))
-            .map_err(|e| format!("cannot set the mode of {}: {e}", dir.display()))?;
+    if missing.is_empty() {
+        let meta = fs::metadata(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+        let group_enters = meta.gid() == gid && meta.mode() & 0o010 != 0;
+        if !group_enters && meta.mode() & 0o001 == 0 {
+            tracing::warn!(
+                "group {gid} cannot enter {} (mode {:o}, group {}): run `chgrp {gid} {0}; chmod g+x {0}` to share what is in it",
+                dir.display(),
+                meta.mode() & 0o7777,
+                meta.gid()
+            );
+        }
     }
     Ok(())
 }
@@ -168,6 +177,32 @@ pub fn write_bytes(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn folders_are_shared_with_a_group_only_when_created_here() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let gid = nix::unistd::getegid().as_raw();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+        // Created here: every new folder is the group's, 0710.
+        let nested = dir.path().join("new/sub");
+        make_dir(&nested, Some(gid)).unwrap();
+        assert_eq!(
+            (mode(&dir.path().join("new")), mode(&nested)),
+            (0o710, 0o710)
+        );
+        assert_eq!(std::fs::metadata(&nested).unwrap().gid(), gid);
+        // Already there: left as its owner set it.
+        let existing = dir.path().join("existing");
+        std::fs::create_dir(&existing).unwrap();
+        std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o750)).unwrap();
+        make_dir(&existing, Some(gid)).unwrap();
+        assert_eq!(mode(&existing), 0o750);
+        // Without a group: private.
+        let private = dir.path().join("private/x");
+        make_dir(&private, None).unwrap();
+        assert_eq!(mode(&private), 0o700);
+    }
     use crate::secret::Secret;
     use std::os::unix::fs::PermissionsExt;
 

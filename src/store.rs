@@ -319,7 +319,7 @@ struct SealedColumn {
     place: fn(&str, &str) -> String,
 }
 
-const SEALED_COLUMNS: [SealedColumn; 5] = {
+const SEALED_COLUMNS: [SealedColumn; 6] = {
     const fn tokens(column: &'static str) -> SealedColumn {
         SealedColumn {
             table: "tokens",
@@ -340,6 +340,8 @@ const SEALED_COLUMNS: [SealedColumn; 5] = {
         tokens("access_token"),
         tokens("refresh_token"),
         tokens("id_token"),
+        // Kept response fields may be credentials too (Slack's incoming webhook URL).
+        tokens("extra"),
         pending("pkce_verifier"),
         pending("device"),
     ]
@@ -369,7 +371,8 @@ fn reseal(conn: &mut Connection, sealer: &Sealer) -> Result<usize, StoreError> {
             let rows = stmt
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
                 .map_err(read_err)?;
-            rows.filter(|r| r.as_ref().is_ok_and(|(_, v)| sealer.is_stale(v)))
+            // Errors pass through to `collect`, which reports them.
+            rows.filter(|r| r.as_ref().map_or(true, |(_, v)| sealer.is_stale(v)))
                 .collect::<Result<_, _>>()
                 .map_err(read_err)?
         };
@@ -391,9 +394,18 @@ fn reseal(conn: &mut Connection, sealer: &Sealer) -> Result<usize, StoreError> {
     }
     tx.commit().map_err(|e| StoreError::Write(e.to_string()))?;
     if rewritten > 0 {
-        // The old forms are still in the write-ahead log until it is checkpointed.
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        // The old forms linger in free pages (values deleted before, the rows just rewritten)
+        // and in the write-ahead log: rebuild the file and empty the log.
+        conn.execute_batch("VACUUM;")
+            .map_err(|e| StoreError::Write(format!("VACUUM after re-encryption: {e}")))?;
+        let busy: i64 = conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
             .map_err(|e| StoreError::Write(e.to_string()))?;
+        if busy != 0 {
+            tracing::warn!(
+                "the write-ahead log could not be emptied after re-encryption; earlier forms of the secrets stay in it until the next checkpoint"
+            );
+        }
     }
     Ok(rewritten)
 }
@@ -550,7 +562,10 @@ fn apply_unit(conn: &Connection, writes: &[Write], sealer: &Sealer) -> rusqlite:
                     t.obtained_at,
                     generation,
                     t.granted_at,
-                    (!t.extra.is_empty()).then(|| serde_json::Value::Object(t.extra.clone()).to_string()),
+                    (!t.extra.is_empty()).then(|| sealer.seal(
+                        &serde_json::Value::Object(t.extra.clone()).to_string(),
+                        &token_place("extra", client)
+                    )),
                     t.refresh_expiry_slides
                 ])?;
             }
@@ -648,7 +663,11 @@ fn load_all(conn: &Connection, sealer: &Sealer) -> rusqlite::Result<Vec<Stored>>
                     refresh_expires_at: r.get(15)?,
                     obtained_at: r.get(16)?,
                     granted_at: r.get::<_, Option<i64>>(18)?.unwrap_or(r.get(16)?),
-                    extra: match r.get::<_, Option<String>>(19)? {
+                    extra: match r
+                        .get::<_, Option<String>>(19)?
+                        .map(|v| opened(sealer, &v, &token_place("extra", &row.name)))
+                        .transpose()?
+                    {
                         Some(json) => match serde_json::from_str(&json) {
                             Ok(serde_json::Value::Object(map)) => map,
                             _ => serde_json::Map::new(),
@@ -826,9 +845,25 @@ mod tests {
             Write::Pending(pending),
         ];
         store.commit(writes).await.unwrap();
+        // A token deleted before encryption was configured: its clear text sits in free pages.
+        let deleted = format!("deleted-{}", "q".repeat(9000));
+        let gone = vec![
+            Write::Client(row("b")),
+            Write::Token {
+                client: "b".into(),
+                token: Some((token(&deleted), 1)),
+            },
+        ];
+        store.commit(gone).await.unwrap();
+        let forget = Write::Token {
+            client: "b".into(),
+            token: None,
+        };
+        store.commit(vec![forget]).await.unwrap();
         drop(store);
         w.join().unwrap();
         assert!(contains(&file_bytes(&path), "access-5d1e8b"));
+        assert!(contains(&file_bytes(&path), &deleted[..100]));
 
         // Key 1 configured: everything is sealed at open, and the clear text is gone from the
         // file, free pages and log included.
@@ -837,6 +872,7 @@ mod tests {
         let (t, _) = loaded[0].token.as_ref().unwrap();
         assert_eq!(t.access_token.expose(), "access-5d1e8b");
         assert_eq!(t.refresh_token.as_ref().unwrap().expose(), "rt");
+        assert_eq!(t.extra["instance_url"], "https://x");
         let pending = store.pending().unwrap();
         assert_eq!(
             pending[0].pkce_verifier.as_ref().unwrap().expose(),
@@ -845,7 +881,12 @@ mod tests {
         drop(store);
         w.join().unwrap();
         let bytes = file_bytes(&path);
-        for secret in ["access-5d1e8b", "verifier-7f3a9c"] {
+        for secret in [
+            "access-5d1e8b",
+            "verifier-7f3a9c",
+            "https://x",
+            &deleted[..100],
+        ] {
             assert!(!contains(&bytes, secret), "{secret} is still in the file");
         }
 

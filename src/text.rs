@@ -10,7 +10,11 @@ pub fn one_line(text: &str, max: usize) -> String {
             out.push('…');
             break;
         }
-        if c.is_control() {
+        // Controls, line and paragraph separators, and the bidi marks that can make a log line
+        // read differently from what it holds.
+        if c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+        {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -28,5 +32,6 @@ mod tests {
         assert_eq!(one_line("a\nb\r\u{0}c\td", 100), r"a\nb\r\u{0}c\td");
         assert_eq!(one_line("héllo wörld", 5), "héllo…");
         assert_eq!(one_line("plain", 5), "plain");
+        assert_eq!(one_line("a\u{2028}b\u{202E}c", 100), r"a\u{2028}b\u{202e}c");
     }
 }
