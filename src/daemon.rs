@@ -61,7 +61,7 @@ fn init_logging(config: &Config) {
     // checked like the config file is.
     let filter = Some(filter)
         .filter(|f| f.is_ascii())
-        .and_then(|f| EnvFilter::try_new(&f).ok())
+        .and_then(|f| config::parse_log_filter(&f).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
