@@ -57,12 +57,7 @@ fn init_logging(config: &Config) {
     } else {
         format!("{filter},tokio_cron_scheduler=warn")
     };
-    // Non-ASCII can make the filter parser panic (see config::LogFilter); OAUTH2MCI_LOG is not
-    // checked like the config file is.
-    let filter = Some(filter)
-        .filter(|f| f.is_ascii())
-        .and_then(|f| config::parse_log_filter(&f).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+    let filter = config::parse_log_filter(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -9,7 +9,7 @@
 //! under several keys while a rotation is under way, and names the key that is missing.
 
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand::RngCore;
@@ -43,14 +43,9 @@ impl Key {
         let decoded = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
             hex::decode(text).ok()
         } else {
-            [&STANDARD, &URL_SAFE, &URL_SAFE_NO_PAD]
+            [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD]
                 .iter()
                 .find_map(|engine| engine.decode(text).ok())
-                .or_else(|| {
-                    base64::engine::general_purpose::STANDARD_NO_PAD
-                        .decode(text)
-                        .ok()
-                })
         };
         let bytes: [u8; 32] = decoded
             .and_then(|d| d.try_into().ok())
@@ -83,12 +78,6 @@ impl Key {
 pub struct Keys {
     pub current: Option<Key>,
     pub old: Vec<Key>,
-}
-
-impl Keys {
-    pub fn is_empty(&self) -> bool {
-        self.current.is_none() && self.old.is_empty()
-    }
 }
 
 /// Why a stored value cannot be read.

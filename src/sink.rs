@@ -73,6 +73,23 @@ pub fn render(format: SinkFormat, client: &str, token: &TokenSet) -> String {
 pub fn make_dir(dir: &Path, group: Option<u32>) -> Result<(), String> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    if missing.is_empty() {
+        // The common case (every sink write after the first): nothing to create.
+        if let Some(gid) = group {
+            let meta =
+                fs::metadata(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+            let group_enters = meta.gid() == gid && meta.mode() & 0o010 != 0;
+            if !group_enters && meta.mode() & 0o001 == 0 {
+                tracing::warn!(
+                    "group {gid} cannot enter {} (mode {:o}, group {}): run `chgrp {gid} {0}; chmod g+x {0}` to share what is in it",
+                    dir.display(),
+                    meta.mode() & 0o7777,
+                    meta.gid()
+                );
+            }
+        }
+        return Ok(());
+    }
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -90,18 +107,6 @@ pub fn make_dir(dir: &Path, group: Option<u32>) -> Result<(), String> {
         })?;
         fs::set_permissions(created, fs::Permissions::from_mode(0o710))
             .map_err(|e| format!("cannot set the mode of {}: {e}", created.display()))?;
-    }
-    if missing.is_empty() {
-        let meta = fs::metadata(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
-        let group_enters = meta.gid() == gid && meta.mode() & 0o010 != 0;
-        if !group_enters && meta.mode() & 0o001 == 0 {
-            tracing::warn!(
-                "group {gid} cannot enter {} (mode {:o}, group {}): run `chgrp {gid} {0}; chmod g+x {0}` to share what is in it",
-                dir.display(),
-                meta.mode() & 0o7777,
-                meta.gid()
-            );
-        }
     }
     Ok(())
 }
@@ -177,10 +182,12 @@ pub fn write_bytes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::Secret;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn folders_are_shared_with_a_group_only_when_created_here() {
-        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let gid = nix::unistd::getegid().as_raw();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
@@ -203,8 +210,6 @@ mod tests {
         make_dir(&private, None).unwrap();
         assert_eq!(mode(&private), 0o700);
     }
-    use crate::secret::Secret;
-    use std::os::unix::fs::PermissionsExt;
 
     fn token() -> TokenSet {
         TokenSet {

@@ -537,9 +537,7 @@ fn apply_unit(conn: &Connection, writes: &[Write], sealer: &Sealer) -> rusqlite:
                 client,
                 token: Some((t, generation)),
             } => {
-                let seal = |column: &str, v: &Secret| {
-                    sealer.seal(v.expose(), &token_place(column, client))
-                };
+                let seal = |column: &str, v: &str| sealer.seal(v, &token_place(column, client));
                 conn.prepare_cached(
                     "INSERT INTO tokens (client, access_token, token_type, refresh_token, id_token, scope, expires_at, refresh_expires_at, obtained_at, generation, granted_at, extra, refresh_expiry_slides)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
@@ -552,20 +550,21 @@ fn apply_unit(conn: &Connection, writes: &[Write], sealer: &Sealer) -> rusqlite:
                 )?
                 .execute(params![
                     client,
-                    seal("access_token", &t.access_token),
+                    seal("access_token", t.access_token.expose()),
                     t.token_type,
-                    t.refresh_token.as_ref().map(|v| seal("refresh_token", v)),
-                    t.id_token.as_ref().map(|v| seal("id_token", v)),
+                    t.refresh_token.as_ref().map(|v| seal("refresh_token", v.expose())),
+                    t.id_token.as_ref().map(|v| seal("id_token", v.expose())),
                     t.scope,
                     t.expires_at,
                     t.refresh_expires_at,
                     t.obtained_at,
                     generation,
                     t.granted_at,
-                    (!t.extra.is_empty()).then(|| sealer.seal(
-                        &serde_json::Value::Object(t.extra.clone()).to_string(),
-                        &token_place("extra", client)
-                    )),
+                    // Serialising a map of JSON values cannot fail.
+                    (!t.extra.is_empty())
+                        .then(|| serde_json::to_string(&t.extra).ok())
+                        .flatten()
+                        .map(|json| seal("extra", &json)),
                     t.refresh_expiry_slides
                 ])?;
             }

@@ -37,22 +37,13 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.position {
-            // The message may quote the file (an unknown key with a newline in it, found by the
-            // config fuzz target): a refusal stays one line.
-            Some((line, column)) => write!(
-                f,
-                "{}:{line}:{column}: {}",
-                self.file.display(),
-                one_line(&self.message, usize::MAX)
-            ),
-            None => write!(
-                f,
-                "{}: {}",
-                self.file.display(),
-                one_line(&self.message, usize::MAX)
-            ),
+        write!(f, "{}", self.file.display())?;
+        if let Some((line, column)) = self.position {
+            write!(f, ":{line}:{column}")?;
         }
+        // The message may quote the file (an unknown key with a newline in it, found by the
+        // config fuzz target): a refusal stays one line.
+        write!(f, ": {}", one_line(&self.message, usize::MAX))
     }
 }
 
@@ -419,13 +410,6 @@ struct LogFilter(String);
 impl<'de> Deserialize<'de> for LogFilter {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        if !s.is_ascii() {
-            // tracing-subscriber 0.3 panics on some non-ASCII filters (found by the config fuzz
-            // target), and targets, levels and span names are ASCII anyway.
-            return Err(de::Error::custom(format!(
-                "expected a log level (error, warn, info, debug, trace) or a tracing filter, found {s:?} (only ASCII is allowed)"
-            )));
-        }
         parse_log_filter(&s).map_err(|e| {
             de::Error::custom(format!(
                 "expected a log level (error, warn, info, debug, trace) or a tracing filter, found {s:?} ({e})"
@@ -435,15 +419,19 @@ impl<'de> Deserialize<'de> for LogFilter {
     }
 }
 
-/// A tracing filter with field values matched literally: as regular expressions they are
-/// compiled to a full DFA, which takes minutes for some patterns (found by the config fuzz
-/// target); a log filter has no need for them.
-pub fn parse_log_filter(
-    filter: &str,
-) -> Result<tracing_subscriber::EnvFilter, tracing_subscriber::filter::ParseError> {
+/// A tracing filter, for `log.level` and `OAUTH2MCI_LOG` alike. Two guards against
+/// tracing-subscriber 0.3, both found by the config fuzz target: non-ASCII is refused (some
+/// makes its parser panic; targets, levels and span names are ASCII anyway), and field values
+/// are matched literally (as regular expressions they are compiled to a full DFA, which takes
+/// minutes for some patterns; a log filter has no need for them).
+pub fn parse_log_filter(filter: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    if !filter.is_ascii() {
+        return Err("only ASCII is allowed".into());
+    }
     tracing_subscriber::EnvFilter::builder()
         .with_regex(false)
         .parse(filter)
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Deserialize, Default)]
