@@ -6,6 +6,7 @@
 
 use crate::registry::{Method, Registry, RegistryError, Trigger};
 use crate::token::now_ms;
+use crate::unix_conn::{Conn, Listener};
 use crate::wire::{self, ErrorReply, Health, ReloadReply, TokenReply};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -19,7 +20,6 @@ use std::path::Path as FsPath;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -386,7 +386,7 @@ async fn metrics(State(r): State<Arc<Registry>>) -> Response {
 
 /// Binds the socket: refuses if a daemon already answers there, replaces a stale socket file,
 /// and gives it `mode` (and `gid`) before anyone can connect.
-pub fn bind(path: &FsPath, mode: u32, gid: Option<u32>) -> Result<UnixListener, String> {
+pub fn bind(path: &FsPath, mode: u32, gid: Option<u32>) -> Result<Listener, String> {
     if let Some(dir) = path.parent() {
         crate::sink::make_dir(dir, gid)?;
     }
@@ -412,7 +412,7 @@ pub fn bind(path: &FsPath, mode: u32, gid: Option<u32>) -> Result<UnixListener, 
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    UnixListener::from_std(listener).map_err(|e| e.to_string())
+    Listener::new(listener).map_err(|e| e.to_string())
 }
 
 /// Who may use the socket, checked on each connection with SO_PEERCRED: the daemon's own user,
@@ -466,7 +466,7 @@ fn in_group(uid: u32, primary: u32, group: u32) -> bool {
 
 /// Answers a connection the policy refuses and closes it. The request head is read first
 /// (bounded in size and time), so that the client is done writing and reads the answer.
-async fn refuse(mut stream: tokio::net::UnixStream, who: String) {
+async fn refuse(mut stream: Conn, who: String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
@@ -497,7 +497,7 @@ async fn refuse(mut stream: tokio::net::UnixStream, who: String) {
 
 /// Serves the API until `shutdown`; open connections get a moment to finish.
 pub async fn serve(
-    listener: UnixListener,
+    listener: Listener,
     registry: Arc<Registry>,
     max_connections: usize,
     peers: PeerPolicy,
@@ -511,10 +511,10 @@ pub async fn serve(
             _ = shutdown.cancelled() => return,
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
                     tracing::warn!("socket accept failed: {e}");
@@ -523,10 +523,9 @@ pub async fn serve(
                 }
             },
         };
-        let peer = stream.peer_cred();
         let refused = match &peer {
-            Ok(cred) if peers.allows(cred.uid(), cred.gid()) => None,
-            Ok(cred) => Some(format!("uid {}", cred.uid())),
+            Ok((uid, gid)) if peers.allows(*uid, *gid) => None,
+            Ok((uid, _)) => Some(format!("uid {uid}")),
             Err(e) => Some(format!("a peer whose credentials cannot be read ({e})")),
         };
         if let Some(who) = refused {
@@ -545,6 +544,9 @@ pub async fn serve(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
+                // A client that shuts its side down once the request is written (`nc -N`)
+                // still gets the answer.
+                .half_close(true)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {

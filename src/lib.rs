@@ -21,4 +21,5 @@ pub mod sink;
 pub mod store;
 pub mod text;
 pub mod token;
+pub mod unix_conn;
 pub mod wire;

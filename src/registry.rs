@@ -268,6 +268,35 @@ pub struct Counters {
     pub reload_errors: AtomicU64,
 }
 
+/// One token endpoint's limits: grant requests in flight, and the pace of scheduled ones.
+struct Endpoint {
+    /// `limits.per_endpoint_concurrency` and `per_endpoint_rate` it was made with.
+    limits: (usize, u32),
+    permits: Arc<Semaphore>,
+    /// When the next scheduled request may start.
+    next_start: Mutex<tokio::time::Instant>,
+}
+
+impl Endpoint {
+    fn new(concurrency: usize, rate: u32) -> Endpoint {
+        Endpoint {
+            limits: (concurrency, rate),
+            permits: Arc::new(Semaphore::new(concurrency)),
+            next_start: Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Takes the next start slot and says when it is: slots are `1/rate` apart, so that no
+    /// burst reaches the server however many refreshes fall due together.
+    fn reserve_start(&self) -> tokio::time::Instant {
+        let spacing = Duration::from_secs(1) / self.limits.1.max(1);
+        let mut next = self.next_start.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = (*next).max(tokio::time::Instant::now());
+        *next = slot + spacing;
+        slot
+    }
+}
+
 pub struct Registry {
     /// Itself, for work that must outlive the caller (a notice that starts an authorization).
     me: std::sync::Weak<Registry>,
@@ -276,7 +305,7 @@ pub struct Registry {
     store: Store,
     engine: Engine,
     scheduler: Scheduler,
-    endpoints: Mutex<HashMap<String, Arc<Semaphore>>>,
+    endpoints: Mutex<HashMap<String, Arc<Endpoint>>>,
     pub(crate) redirects: Hub,
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
@@ -939,6 +968,15 @@ impl Registry {
         trigger: Trigger,
     ) -> Result<TokenSet, RegistryError> {
         let seen_generation = client.state().generation;
+        if matches!(trigger, Trigger::Scheduled) {
+            // Before the flight lock: a consumer that needs this client's token meanwhile
+            // refreshes it without waiting for the slot, and this refresh then finds it done.
+            let start = self.endpoint(&client.config()).reserve_start();
+            tokio::select! {
+                _ = tokio::time::sleep_until(start) => {}
+                _ = self.shutdown.cancelled() => return Err(RegistryError::ShuttingDown),
+            }
+        }
         let _flight = client.flight.lock().await;
         if self.shutdown.is_cancelled() {
             return Err(RegistryError::ShuttingDown);
@@ -1057,18 +1095,27 @@ impl Registry {
         }
     }
 
+    /// The limits of the client's token endpoint (by origin), made anew when a reload
+    /// changed them.
+    fn endpoint(&self, cfg: &ClientConfig) -> Arc<Endpoint> {
+        let limits = &self.config().limits;
+        let wanted = (limits.per_endpoint_concurrency, limits.per_endpoint_rate);
+        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = map
+            .entry(cfg.endpoints.token.origin().ascii_serialization())
+            .or_insert_with(|| Arc::new(Endpoint::new(wanted.0, wanted.1)));
+        if entry.limits != wanted {
+            *entry = Arc::new(Endpoint::new(wanted.0, wanted.1));
+        }
+        entry.clone()
+    }
+
     async fn endpoint_permit(
         &self,
         cfg: &ClientConfig,
     ) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let limit = self.config().limits.per_endpoint_concurrency;
-        let semaphore = {
-            let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-            map.entry(cfg.endpoints.token.origin().ascii_serialization())
-                .or_insert_with(|| Arc::new(Semaphore::new(limit)))
-                .clone()
-        };
-        semaphore.acquire_owned().await.ok()
+        let permits = self.endpoint(cfg).permits.clone();
+        permits.acquire_owned().await.ok()
     }
 
     /// Stores a new token: database first, then memory and timer, then sinks, then the hook.

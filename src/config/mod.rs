@@ -127,6 +127,10 @@ pub struct HistoryConfig {
 pub struct Limits {
     /// Grant requests in flight at once to one token endpoint.
     pub per_endpoint_concurrency: usize,
+    /// Scheduled grant requests started per second to one token endpoint, evenly spaced: an
+    /// expiry wave reaches the server as a steady stream. Requests a consumer waits for
+    /// (`token` of an expired token, `refresh`) do not wait for it.
+    pub per_endpoint_rate: u32,
     /// Total time allowed for one request to an authorization server.
     pub request_timeout: Duration,
     /// Socket connections served at once; more wait to be accepted.
@@ -461,6 +465,7 @@ struct RawEncryption {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     per_endpoint_concurrency: Option<Bounded<1, 10_000>>,
+    per_endpoint_rate: Option<Bounded<1, 1_000_000>>,
     request_timeout: Option<Dur>,
     max_connections: Option<Bounded<1, 1_000_000>>,
 }
@@ -737,6 +742,9 @@ mod defaults {
     pub const PRUNE_SCHEDULE: &str = "0 17 * * * *";
     /// Enough parallel requests to keep a provider busy without looking like an attack.
     pub const PER_ENDPOINT_CONCURRENCY: u64 = 16;
+    /// Far above what 100,000 hourly tokens need (28/s), far below what would look like an
+    /// attack to a provider.
+    pub const PER_ENDPOINT_RATE: u64 = 200;
     pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
     pub const MAX_CONNECTIONS: u64 = 1024;
     /// The largest share of a lifetime that jitter may take.
@@ -951,6 +959,10 @@ impl Resolver<'_> {
                 .per_endpoint_concurrency
                 .map_or(defaults::PER_ENDPOINT_CONCURRENCY, |b| b.0)
                 as usize,
+            per_endpoint_rate: raw
+                .limits
+                .per_endpoint_rate
+                .map_or(defaults::PER_ENDPOINT_RATE, |b| b.0) as u32,
             request_timeout: raw
                 .limits
                 .request_timeout

@@ -1,0 +1,224 @@
+//! Accepting connections on the API's Unix socket, and serving each without the reactor for as
+//! long as it does not block.
+//!
+//! Most socket clients (the CLI, `curl --unix-socket`, a mail client's `passwordeval`) connect,
+//! write one request at once and read one answer. By the time the daemon accepts, the request is
+//! usually there: reading it, writing the answer and closing takes three system calls. Going
+//! through the reactor as a plain `tokio::net::UnixStream` does would add an `epoll_ctl` to
+//! register, one to deregister, and an explicit `shutdown`: on a machine where a system call
+//! costs microseconds, that is a third of the time of a request. So a connection starts "raw"
+//! (a non-blocking socket read and written directly) and registers with the reactor only the
+//! first time a read or write would block: a slow or idle client is then waited for like any
+//! other, without holding a thread.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener as StdListener, UnixStream as StdStream};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// A listening socket that accepts connections as `Conn`s.
+pub struct Listener {
+    fd: AsyncFd<StdListener>,
+}
+
+impl Listener {
+    /// Takes a bound, non-blocking listener (in the runtime: it registers with the reactor).
+    pub fn new(listener: StdListener) -> io::Result<Listener> {
+        // SAFETY: the AsyncFd owns the listener, whose descriptor stays open and the same
+        // until the AsyncFd is dropped.
+        let fd =
+            unsafe { AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)?;
+        Ok(Listener { fd })
+    }
+
+    /// The next connection, non-blocking and close-on-exec, with its peer's uid and gid.
+    pub async fn accept(&self) -> io::Result<(Conn, io::Result<(u32, u32)>)> {
+        loop {
+            let mut ready = self.fd.readable().await?;
+            let accepted = ready.try_io(|listener| {
+                use nix::sys::socket::{SockFlag, accept4};
+                accept4(
+                    listener.get_ref().as_raw_fd(),
+                    SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+                )
+                .map_err(io::Error::from)
+            });
+            let fd = match accepted {
+                Ok(Ok(fd)) => fd,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            };
+            // SAFETY: accept4 just returned this descriptor; nothing else owns it.
+            let stream = StdStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+            let peer =
+                nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+                    .map(|c| (c.uid(), c.gid()))
+                    .map_err(io::Error::from);
+            return Ok((Conn::new(stream), peer));
+        }
+    }
+}
+
+/// One accepted connection: raw until it would block, then registered with the reactor.
+pub struct Conn {
+    raw: Option<StdStream>,
+    registered: Option<tokio::net::UnixStream>,
+    /// Whether the request may still be on its way from a client that just connected.
+    fresh: bool,
+    /// The first read held a whole request without a body that asks to close the connection:
+    /// nothing more will be read from it.
+    read_all: bool,
+}
+
+/// How long a connection accepted before its request arrived is waited for in place (the
+/// client writes right after connecting: a few microseconds) before it goes to the reactor.
+const FIRST_BYTES_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
+
+impl Conn {
+    fn new(stream: StdStream) -> Conn {
+        Conn {
+            raw: Some(stream),
+            registered: None,
+            fresh: true,
+            read_all: false,
+        }
+    }
+
+    /// The socket as the reactor knows it, registering it the first time.
+    fn registered(&mut self) -> io::Result<Pin<&mut tokio::net::UnixStream>> {
+        if let Some(stream) = self.raw.take() {
+            self.registered = Some(tokio::net::UnixStream::from_std(stream)?);
+        }
+        self.registered
+            .as_mut()
+            .map(Pin::new)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+    }
+
+    /// Runs `op` on the raw socket, if it is still raw; `None` when it would block (or is
+    /// registered already), so that the caller goes through the reactor.
+    fn try_raw<T>(
+        &mut self,
+        op: impl FnOnce(&mut StdStream) -> io::Result<T>,
+    ) -> Option<io::Result<T>> {
+        let stream = self.raw.as_mut()?;
+        match op(stream) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            done => Some(done),
+        }
+    }
+}
+
+/// Whether `bytes` are one whole request, without a body, that asks to close the connection
+/// after its answer (`Connection: close`, as the CLI and most scripts send).
+fn last_request(bytes: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut headers);
+    let Ok(httparse::Status::Complete(head)) = request.parse(bytes) else {
+        return false;
+    };
+    let mut close = false;
+    for h in request.headers.iter() {
+        if h.name.eq_ignore_ascii_case("connection") {
+            close = h.value.eq_ignore_ascii_case(b"close");
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding")
+            || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
+        {
+            return false;
+        }
+    }
+    close && head == bytes.len()
+}
+
+/// Waits until `stream` is readable, at most `limit`.
+fn wait_readable(stream: &StdStream, limit: std::time::Duration) {
+    use nix::poll::{PollFd, PollFlags, ppoll};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+    let _ = ppoll(
+        &mut fds,
+        Some(nix::sys::time::TimeSpec::from_duration(limit)),
+        None,
+    );
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if std::mem::take(&mut this.fresh)
+            && let Some(stream) = &this.raw
+        {
+            // The daemon often accepts before the client has written. Registering with the
+            // reactor to wait for those few microseconds would cost more system calls than the
+            // request itself; a bounded wait here costs one.
+            wait_readable(stream, FIRST_BYTES_WAIT);
+        }
+        if this.read_all && this.registered.is_none() {
+            // hyper reads on while it answers, to notice a client that hangs up. This one
+            // said it sends nothing more, and its connection closes after the answer: the
+            // read would only cost a system call, or two more to register for its wait.
+            return Poll::Pending;
+        }
+        let first = buf.filled().len();
+        if let Some(done) = this.try_raw(|s| s.read(buf.initialize_unfilled())) {
+            if let Ok(n) = done {
+                buf.advance(n);
+                if first == 0 && this.registered.is_none() && !this.read_all {
+                    this.read_all = last_request(&buf.filled()[..n]);
+                }
+            }
+            return Poll::Ready(done.map(|_| ()));
+        }
+        this.registered()?.poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let Some(done) = this.try_raw(|s| s.write(buf)) {
+            return Poll::Ready(done);
+        }
+        this.registered()?.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let Some(done) = this.try_raw(|s| s.write_vectored(bufs)) {
+            return Poll::Ready(done);
+        }
+        this.registered()?.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Writes go straight to the socket: nothing is buffered here.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Closed right after: the close says the same to the peer, and a Unix socket has no
+        // reset to fear from unread input.
+        Poll::Ready(Ok(()))
+    }
+}
