@@ -273,8 +273,10 @@ struct Endpoint {
     /// `limits.per_endpoint_concurrency` and `per_endpoint_rate` it was made with.
     limits: (usize, u32),
     permits: Arc<Semaphore>,
-    /// When the next scheduled request may start.
-    next_start: Mutex<tokio::time::Instant>,
+    /// When the next scheduled request may start. Held while waiting for it, so that one
+    /// request waits at a time and the next slot counts from when that one really started:
+    /// a late wake-up (a busy moment) never lets a backlog out at once.
+    next_start: tokio::sync::Mutex<tokio::time::Instant>,
 }
 
 impl Endpoint {
@@ -282,18 +284,25 @@ impl Endpoint {
         Endpoint {
             limits: (concurrency, rate),
             permits: Arc::new(Semaphore::new(concurrency)),
-            next_start: Mutex::new(tokio::time::Instant::now()),
+            next_start: tokio::sync::Mutex::new(tokio::time::Instant::now()),
         }
     }
 
-    /// Takes the next start slot and says when it is: slots are `1/rate` apart, so that no
-    /// burst reaches the server however many refreshes fall due together.
-    fn reserve_start(&self) -> tokio::time::Instant {
+    /// Waits for the next start slot: slots are `1/rate` apart, so that no burst reaches the
+    /// server however many refreshes fall due together.
+    async fn wait_for_start(&self) {
+        // Timers tick by the millisecond: a slot due within one is taken now, or a rate
+        // above 1,000/s could never be reached. At most a millisecond's worth goes together.
+        const SLACK: Duration = Duration::from_millis(1);
         let spacing = Duration::from_secs(1) / self.limits.1.max(1);
-        let mut next = self.next_start.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = (*next).max(tokio::time::Instant::now());
-        *next = slot + spacing;
-        slot
+        let mut next = self.next_start.lock().await;
+        let now = tokio::time::Instant::now();
+        let slot = (*next).max(now);
+        if slot > now + SLACK {
+            tokio::time::sleep_until(slot).await;
+        }
+        let started = tokio::time::Instant::now();
+        *next = (slot + spacing).max(started.checked_sub(SLACK).unwrap_or(started));
     }
 }
 
@@ -971,9 +980,9 @@ impl Registry {
         if matches!(trigger, Trigger::Scheduled) {
             // Before the flight lock: a consumer that needs this client's token meanwhile
             // refreshes it without waiting for the slot, and this refresh then finds it done.
-            let start = self.endpoint(&client.config()).reserve_start();
+            let endpoint = self.endpoint(&client.config());
             tokio::select! {
-                _ = tokio::time::sleep_until(start) => {}
+                _ = endpoint.wait_for_start() => {}
                 _ = self.shutdown.cancelled() => return Err(RegistryError::ShuttingDown),
             }
         }
@@ -2307,6 +2316,35 @@ fn trim_slash(s: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn scheduled_starts_are_spaced_by_the_rate_limit() {
+        let endpoint = Arc::new(Endpoint::new(16, 200));
+        let begun = tokio::time::Instant::now();
+        let starts = futures::future::join_all((0..400).map(|_| {
+            let endpoint = endpoint.clone();
+            async move {
+                endpoint.wait_for_start().await;
+                tokio::time::Instant::now() - begun
+            }
+        }))
+        .await;
+        let mut starts: Vec<Duration> = starts;
+        starts.sort();
+        for (i, at) in starts.iter().enumerate() {
+            // Start i comes i × 5 ms after the first: 200 a second, never two at once.
+            assert_eq!(*at, Duration::from_millis(5) * i as u32, "start {i}");
+        }
+        // After a quiet spell there is no backlog to catch up on: one start, then the pace.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let quiet = tokio::time::Instant::now();
+        endpoint.wait_for_start().await;
+        endpoint.wait_for_start().await;
+        assert_eq!(
+            tokio::time::Instant::now() - quiet,
+            Duration::from_millis(5)
+        );
+    }
 
     #[test]
     fn an_incident_is_told_once_then_at_each_repeat() {

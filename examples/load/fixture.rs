@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 /// came, for the rate and burst figures.
 pub struct TokenServer {
     pub addr: SocketAddr,
-    pub lifetime_s: Arc<AtomicU64>,
     arrivals: Arc<Mutex<Vec<Instant>>>,
     _runtime: tokio::runtime::Runtime,
 }
@@ -30,17 +29,16 @@ impl TokenServer {
             .build()?;
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         let addr = listener.local_addr()?;
-        let lifetime_s = Arc::new(AtomicU64::new(3600));
         let arrivals = Arc::new(Mutex::new(Vec::new()));
         let issued = Arc::new(AtomicU64::new(0));
-        let (lifetime, seen) = (lifetime_s.clone(), arrivals.clone());
+        let seen = arrivals.clone();
         runtime.spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let (lifetime, seen, issued) = (lifetime.clone(), seen.clone(), issued.clone());
+                let (seen, issued) = (seen.clone(), issued.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |_request| {
                         seen.lock()
@@ -48,8 +46,7 @@ impl TokenServer {
                             .push(Instant::now());
                         let n = issued.fetch_add(1, Ordering::Relaxed);
                         let body = format!(
-                            r#"{{"access_token":"at-{n}-load","token_type":"Bearer","expires_in":{},"refresh_token":"rt-{n}-load"}}"#,
-                            lifetime.load(Ordering::Relaxed)
+                            r#"{{"access_token":"at-{n}-load","token_type":"Bearer","expires_in":3600,"refresh_token":"rt-{n}-load"}}"#
                         );
                         async move {
                             hyper::Response::builder()
@@ -66,7 +63,6 @@ impl TokenServer {
         });
         Ok(TokenServer {
             addr,
-            lifetime_s,
             arrivals,
             _runtime: runtime,
         })
@@ -338,18 +334,4 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The daemon's metrics text, fetched over the socket.
-pub fn metric(socket: &Path, name: &str) -> Option<u64> {
-    let mut buf = Vec::new();
-    let request = client::request_bytes("/metrics", false);
-    client::fresh(socket, &request, &mut buf).ok()?;
-    let text = String::from_utf8_lossy(client::body(&buf)).into_owned();
-    text.lines()
-        .find(|l| l.starts_with(name))?
-        .rsplit(' ')
-        .next()?
-        .parse()
-        .ok()
 }

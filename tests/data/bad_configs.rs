@@ -137,6 +137,11 @@
         "from 1 to 10000",
     ),
     (
+        "limits:\n  per_endpoint_rate: 0\nclients: {}\n",
+        "2:22",
+        "from 1 to 1000000",
+    ),
+    (
         "log:\n  level: \"info,[\"\nclients: {}\n",
         "2:3",
         "expected a log level",
