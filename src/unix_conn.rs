@@ -68,10 +68,11 @@ impl Listener {
 pub struct Conn {
     raw: Option<StdStream>,
     registered: Option<tokio::net::UnixStream>,
-    /// Whether the request may still be on its way from a client that just connected.
+    /// Nothing has been read yet: the request may still be on its way from a client that
+    /// just connected.
     fresh: bool,
-    /// The first read held a whole request without a body that asks to close the connection:
-    /// nothing more will be read from it.
+    /// The connection's first read held a whole request without a body that asks to close
+    /// the connection: nothing more will be read from it.
     read_all: bool,
 }
 
@@ -154,9 +155,8 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if std::mem::take(&mut this.fresh)
-            && let Some(stream) = &this.raw
-        {
+        let fresh = std::mem::take(&mut this.fresh);
+        if fresh && let Some(stream) = &this.raw {
             // The daemon often accepts before the client has written. Registering with the
             // reactor to wait for those few microseconds would cost more system calls than the
             // request itself; a bounded wait here costs one.
@@ -168,13 +168,14 @@ impl AsyncRead for Conn {
             // read would only cost a system call, or two more to register for its wait.
             return Poll::Pending;
         }
-        let first = buf.filled().len();
+        let start = buf.filled().len();
         if let Some(done) = this.try_raw(|s| s.read(buf.initialize_unfilled())) {
             if let Ok(n) = done {
                 buf.advance(n);
-                if first == 0 && this.registered.is_none() && !this.read_all {
-                    this.read_all = last_request(&buf.filled()[..n]);
-                }
+                // Only the connection's first bytes: later ones may be the body of an earlier
+                // request, and a body that looks like a closing request must not stop the
+                // reading of the rest.
+                this.read_all = fresh && last_request(&buf.filled()[start..]);
             }
             return Poll::Ready(done.map(|_| ()));
         }
@@ -220,5 +221,48 @@ impl AsyncWrite for Conn {
         // Closed right after: the close says the same to the peer, and a Unix socket has no
         // reset to fear from unread input.
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn only_the_first_bytes_can_end_the_reading() {
+        let (mut client, server) = StdStream::pair().expect("a socket pair");
+        server.set_nonblocking(true).expect("non-blocking");
+        let mut conn = Conn::new(server);
+        let mut buf = vec![0u8; 4096];
+        client
+            .write_all(b"POST /v1/reload HTTP/1.1\r\nContent-Length: 80\r\n\r\n")
+            .expect("head written");
+        let n = conn.read(&mut buf).await.expect("head read");
+        assert!(n > 0 && !conn.read_all, "a request with a body reads on");
+        // A body that happens to look like a last request does not stop the reading.
+        client
+            .write_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .expect("body written");
+        let n = conn.read(&mut buf).await.expect("body read");
+        assert!(n > 0 && !conn.read_all);
+        client
+            .write_all(b"the rest of the body")
+            .expect("rest written");
+        let rest = tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("the rest is read, not waited for forever")
+            .expect("rest read");
+        assert_eq!(&buf[..rest], b"the rest of the body");
+
+        // A connection whose first bytes are a whole closing request reads nothing more.
+        let (mut client, server) = StdStream::pair().expect("a socket pair");
+        server.set_nonblocking(true).expect("non-blocking");
+        let mut conn = Conn::new(server);
+        client
+            .write_all(b"GET /v1/health HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .expect("request written");
+        let n = conn.read(&mut buf).await.expect("request read");
+        assert!(n > 0 && conn.read_all);
     }
 }
