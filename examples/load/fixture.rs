@@ -278,15 +278,7 @@ impl Daemon {
 
     /// Resident memory, KiB.
     pub fn rss_kib(&self) -> u64 {
-        proc_field(self.pid(), "status", |s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
+        status_field(self.pid(), "VmRSS:").unwrap_or(0)
     }
 
     /// User + system CPU time used so far, in clock ticks (1/100 s).
@@ -296,15 +288,7 @@ impl Daemon {
 
     /// Threads of the process.
     pub fn threads(&self) -> u64 {
-        proc_field(self.pid(), "status", |s| {
-            s.lines()
-                .find(|l| l.starts_with("Threads:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
+        status_field(self.pid(), "Threads:").unwrap_or(0)
     }
 }
 
@@ -317,8 +301,16 @@ pub fn cpu_ticks(stat: &str) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
-fn proc_field(pid: u32, file: &str, read: impl Fn(&str) -> Option<u64>) -> Option<u64> {
-    read(&std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?)
+/// The number on the `key` line of `/proc/PID/status`.
+fn status_field(pid: u32, key: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 impl Drop for Daemon {

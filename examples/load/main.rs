@@ -125,9 +125,76 @@ fn serving(bin: &Path, server: &TokenServer, clients: usize) -> Result<(Setup, D
     Ok((setup, daemon))
 }
 
+/// Requests each of the 8 client threads makes in a socket throughput figure.
+const PER_THREAD: usize = 5_000;
+
+/// Medians and 99th percentiles of latency, one of each per run.
+#[derive(Default)]
+struct LatencyRuns {
+    median: Vec<f64>,
+    p99: Vec<f64>,
+}
+
+impl LatencyRuns {
+    fn push(&mut self, samples: Vec<u64>) {
+        let l = Latencies::new(samples);
+        self.median.push(l.median_us());
+        self.p99.push(l.p99_us());
+    }
+
+    /// The last run's figures.
+    fn last(&self) -> String {
+        let (m, p) = (self.median.last(), self.p99.last());
+        format!(
+            "median {:.1} µs p99 {:.1} µs",
+            m.unwrap_or(&f64::NAN),
+            p.unwrap_or(&f64::NAN)
+        )
+    }
+}
+
+impl std::fmt::Display for LatencyRuns {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "median {}  p99 {}",
+            spread(&self.median, " µs"),
+            spread(&self.p99, " µs")
+        )
+    }
+}
+
+/// One server's socket figures over the runs.
+#[derive(Default)]
+struct Figures {
+    fresh: LatencyRuns,
+    rps8: Vec<f64>,
+    /// Server CPU per request (µs) with 8 clients on new connections.
+    cpu: Vec<f64>,
+    kept: LatencyRuns,
+    kept_rps8: Vec<f64>,
+}
+
+impl Figures {
+    /// Requests per second with 8 clients on new connections, and the server's CPU per
+    /// request (`cpu_ticks`: its CPU time so far, in 1/100 s).
+    fn rate8(
+        &mut self,
+        socket: &Path,
+        requests: &[Vec<u8>],
+        cpu_ticks: impl Fn() -> u64,
+    ) -> Outcome {
+        let before = cpu_ticks();
+        self.rps8
+            .push(client::throughput(socket, requests, 8, PER_THREAD, false).map_err(io)?);
+        self.cpu
+            .push((cpu_ticks() - before) as f64 * 10_000.0 / (8 * PER_THREAD) as f64);
+        Ok(())
+    }
+}
+
 fn socket(bin: &Path, runs: usize) -> Outcome {
     const COUNT: usize = 20_000;
-    const PER_THREAD: usize = 5_000;
     println!("## socket: GET /v1/clients/NAME/token ({COUNT} requests a run, {runs} runs)");
     let server = TokenServer::start().map_err(io)?;
     let (setup, daemon) = serving(bin, &server, 100)?;
@@ -147,17 +214,6 @@ fn socket(bin: &Path, runs: usize) -> Outcome {
         .map_err(io)?;
     let floor_socket = floor.socket.clone();
 
-    #[derive(Default)]
-    struct Figures {
-        median: Vec<f64>,
-        p99: Vec<f64>,
-        rps8: Vec<f64>,
-        /// Server CPU per request (µs) with 8 clients on new connections.
-        cpu: Vec<f64>,
-        kept_median: Vec<f64>,
-        kept_p99: Vec<f64>,
-        kept_rps8: Vec<f64>,
-    }
     let mut f = Figures::default();
     let mut d = Figures::default();
     let mut busy = Figures::default();
@@ -165,49 +221,31 @@ fn socket(bin: &Path, runs: usize) -> Outcome {
         // Warm both up, then alternate, so that drift on a noisy machine hits both alike.
         client::latencies_fresh(&floor_socket, &token, 500).map_err(io)?;
         client::latencies_fresh(&daemon_socket, &token, 500).map_err(io)?;
-        let l = Latencies::new(client::latencies_fresh(&floor_socket, &token, COUNT).map_err(io)?);
-        f.median.push(l.median_us());
-        f.p99.push(l.p99_us());
-        let l = Latencies::new(client::latencies_fresh(&daemon_socket, &token, COUNT).map_err(io)?);
-        d.median.push(l.median_us());
-        d.p99.push(l.p99_us());
-        let before = floor.cpu_ticks();
-        f.rps8
-            .push(client::throughput(&floor_socket, &many, 8, PER_THREAD, false).map_err(io)?);
-        f.cpu
-            .push((floor.cpu_ticks() - before) as f64 * 10_000.0 / (8 * PER_THREAD) as f64);
-        let before = daemon.cpu_ticks();
-        d.rps8
-            .push(client::throughput(&daemon_socket, &many, 8, PER_THREAD, false).map_err(io)?);
-        d.cpu
-            .push((daemon.cpu_ticks() - before) as f64 * 10_000.0 / (8 * PER_THREAD) as f64);
-        let l =
-            Latencies::new(client::latencies_kept(&floor_socket, &token_kept, COUNT).map_err(io)?);
-        f.kept_median.push(l.median_us());
-        f.kept_p99.push(l.p99_us());
-        let l =
-            Latencies::new(client::latencies_kept(&daemon_socket, &token_kept, COUNT).map_err(io)?);
-        d.kept_median.push(l.median_us());
-        d.kept_p99.push(l.p99_us());
+        f.fresh
+            .push(client::latencies_fresh(&floor_socket, &token, COUNT).map_err(io)?);
+        d.fresh
+            .push(client::latencies_fresh(&daemon_socket, &token, COUNT).map_err(io)?);
+        f.rate8(&floor_socket, &many, || floor.cpu_ticks())?;
+        d.rate8(&daemon_socket, &many, || daemon.cpu_ticks())?;
+        f.kept
+            .push(client::latencies_kept(&floor_socket, &token_kept, COUNT).map_err(io)?);
+        d.kept
+            .push(client::latencies_kept(&daemon_socket, &token_kept, COUNT).map_err(io)?);
         d.kept_rps8.push(
             client::throughput(&daemon_socket, &many_kept, 8, PER_THREAD * 2, true).map_err(io)?,
         );
         // The same with connections that sit silent or trickle a header byte every 100 ms.
         let nuisance = client::Nuisance::start(&daemon_socket, 8, 8);
         std::thread::sleep(Duration::from_millis(300));
-        let l = Latencies::new(client::latencies_fresh(&daemon_socket, &token, COUNT).map_err(io)?);
-        busy.median.push(l.median_us());
-        busy.p99.push(l.p99_us());
-        busy.rps8
-            .push(client::throughput(&daemon_socket, &many, 8, PER_THREAD, false).map_err(io)?);
+        busy.fresh
+            .push(client::latencies_fresh(&daemon_socket, &token, COUNT).map_err(io)?);
+        busy.rate8(&daemon_socket, &many, || daemon.cpu_ticks())?;
         drop(nuisance);
         eprintln!(
-            "run {}: new conn median floor {:.1} µs daemon {:.1} µs; p99 {:.1} / {:.1}; rps8 {:.0} / {:.0}",
+            "run {}: new conn floor {}, daemon {}; rps8 {:.0} / {:.0}",
             run + 1,
-            f.median[run],
-            d.median[run],
-            f.p99[run],
-            d.p99[run],
+            f.fresh.last(),
+            d.fresh.last(),
             f.rps8[run],
             d.rps8[run]
         );
@@ -215,20 +253,12 @@ fn socket(bin: &Path, runs: usize) -> Outcome {
     let ratio =
         |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
     println!("new connection per request, one client:");
-    println!(
-        "  floor  median {}  p99 {}",
-        spread(&f.median, " µs"),
-        spread(&f.p99, " µs")
-    );
-    println!(
-        "  daemon median {}  p99 {}",
-        spread(&d.median, " µs"),
-        spread(&d.p99, " µs")
-    );
+    println!("  floor  {}", f.fresh);
+    println!("  daemon {}", d.fresh);
     println!(
         "  ratio  median {:.3}× (target ≤ 1.15)  p99 {:.3}× (target ≤ 1.5)",
-        median(&ratio(&d.median, &f.median)),
-        median(&ratio(&d.p99, &f.p99))
+        median(&ratio(&d.fresh.median, &f.fresh.median)),
+        median(&ratio(&d.fresh.p99, &f.fresh.p99))
     );
     println!("new connection per request, 8 clients:");
     println!("  floor  {}", spread(&f.rps8, " req/s"));
@@ -243,28 +273,19 @@ fn socket(bin: &Path, runs: usize) -> Outcome {
         spread(&d.cpu, " µs")
     );
     println!("kept-alive connection:");
-    println!(
-        "  floor  median {}  p99 {}",
-        spread(&f.kept_median, " µs"),
-        spread(&f.kept_p99, " µs")
-    );
-    println!(
-        "  daemon median {}  p99 {}",
-        spread(&d.kept_median, " µs"),
-        spread(&d.kept_p99, " µs")
-    );
+    println!("  floor  {}", f.kept);
+    println!("  daemon {}", d.kept);
     println!("  daemon 8 clients {}", spread(&d.kept_rps8, " req/s"));
     println!("with 8 silent and 8 trickling connections open:");
     println!(
-        "  daemon median {}  p99 {}  8 clients {}",
-        spread(&busy.median, " µs"),
-        spread(&busy.p99, " µs"),
+        "  daemon {}  8 clients {}",
+        busy.fresh,
         spread(&busy.rps8, " req/s")
     );
     println!(
         "  ratio to the floor: median {:.3}×  p99 {:.3}×  8 clients {:.3}×",
-        median(&ratio(&busy.median, &f.median)),
-        median(&ratio(&busy.p99, &f.p99)),
+        median(&ratio(&busy.fresh.median, &f.fresh.median)),
+        median(&ratio(&busy.fresh.p99, &f.fresh.p99)),
         median(&ratio(&busy.rps8, &f.rps8))
     );
     Ok(())
