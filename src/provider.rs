@@ -9,12 +9,12 @@
 
 use crate::config::values::Dur;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-use std::sync::OnceLock;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
 
 /// How the client authenticates at the token endpoint. A request never carries the secret in
 /// two places (Dropbox refuses that).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientAuth {
     /// `client_secret_basic`: HTTP Basic with the client id and secret.
@@ -30,7 +30,7 @@ pub enum ClientAuth {
 }
 
 /// Whether the authorization request carries a PKCE challenge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PkceMode {
     /// The server refuses requests without PKCE: clients cannot turn it off.
@@ -42,7 +42,7 @@ pub enum PkceMode {
 }
 
 /// Where a token request's parameters go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RequestEncoding {
     /// `application/x-www-form-urlencoded` body (RFC 6749).
@@ -54,7 +54,7 @@ pub enum RequestEncoding {
 }
 
 /// An HTTP method a profile may choose.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Method {
     Get,
@@ -73,7 +73,7 @@ impl Method {
 }
 
 /// How a token response body is read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResponseFormat {
     /// By content type, then JSON, then form (what grant and golang/oauth2 do).
@@ -85,7 +85,7 @@ pub enum ResponseFormat {
 }
 
 /// A response field that says when the access token expires.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ExpiryField {
     /// Seconds from now (RFC 6749).
@@ -117,7 +117,7 @@ impl ExpiryField {
 }
 
 /// What a refresh does to the refresh token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Rotation {
     /// The same refresh token serves until revoked.
@@ -129,7 +129,7 @@ pub enum Rotation {
 }
 
 /// How an access token is renewed without the user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RefreshMechanism {
     /// `grant_type=refresh_token` (RFC 6749 section 6).
@@ -142,7 +142,7 @@ pub enum RefreshMechanism {
 }
 
 /// How a token is revoked at the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Revocation {
     /// RFC 7009: form `token` + `token_type_hint`, with the client's authentication.
@@ -163,7 +163,7 @@ pub enum Revocation {
 macro_rules! profile_fields {
     ($( $(#[$doc:meta])* $name:ident : $ty:ty = $default:expr ;)*) => {
         /// One layer of a profile as written in YAML: a built-in entry or a client's override.
-        #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize)]
         #[serde(deny_unknown_fields)]
         pub struct ProfileLayer {
             /// The built-in profile this layer starts from (default `generic`).
@@ -342,7 +342,7 @@ pub fn builtin_names() -> impl Iterator<Item = &'static str> {
 }
 
 /// The profile a client asked for: a name, or a layer over a base.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ProfileSpec {
     Named(String),
     Layer(Box<ProfileLayer>),
@@ -432,6 +432,31 @@ pub fn resolve(spec: &ProfileSpec) -> Result<(String, Profile), ProfileError> {
     let profile = merged.over(generic).resolve();
     profile.check()?;
     Ok((label, profile))
+}
+
+/// Resolved profiles, one per distinct spec: the clients of a provider share one `Profile`
+/// (680 bytes and its strings) instead of each holding a copy, which is most of a client's
+/// configuration when there are 100,000 of them.
+#[derive(Default)]
+pub struct Profiles {
+    resolved: HashMap<ProfileSpec, (Arc<str>, Arc<Profile>)>,
+}
+
+impl Profiles {
+    /// `resolve`, once per distinct spec.
+    pub fn resolve(
+        &mut self,
+        spec: &ProfileSpec,
+    ) -> Result<(Arc<str>, Arc<Profile>), ProfileError> {
+        if let Some((label, profile)) = self.resolved.get(spec) {
+            return Ok((label.clone(), profile.clone()));
+        }
+        let (label, profile) = resolve(spec)?;
+        let (label, profile): (Arc<str>, _) = (label.into(), Arc::new(profile));
+        self.resolved
+            .insert(spec.clone(), (label.clone(), profile.clone()));
+        Ok((label, profile))
+    }
 }
 
 /// The standard error codes of RFC 6749 section 5.2 (and RFC 8628), which `error_codes` may map to.

@@ -208,9 +208,12 @@ pub struct Client {
     config: RwLock<Arc<ClientConfig>>,
     state: Mutex<ClientState>,
     flight: tokio::sync::Mutex<()>,
-    authorization: watch::Sender<Option<AuthorizationOutcome>>,
+    /// Made when first needed: a channel is about 230 bytes, and most clients are never
+    /// authorized through the daemon after the first time.
+    authorization: std::sync::OnceLock<watch::Sender<Option<AuthorizationOutcome>>>,
     /// The authorization waiting for the user, and how to stop its device polling.
-    pending: Mutex<Option<(AuthorizeReply, CancellationToken)>>,
+    /// Boxed: 160 bytes that most clients never use.
+    pending: Mutex<Option<Box<(AuthorizeReply, CancellationToken)>>>,
     /// Authorizations of this client start one at a time, so that one started for the user
     /// (a notice, `token`) and one the user asked for never replace each other half-way.
     starting: tokio::sync::Mutex<()>,
@@ -230,17 +233,21 @@ impl Client {
     }
 
     fn set_outcome(&self, outcome: AuthorizationOutcome) {
-        self.authorization.send_replace(Some(outcome));
+        self.authorization().send_replace(Some(outcome));
     }
 
-    fn pending(&self) -> MutexGuard<'_, Option<(AuthorizeReply, CancellationToken)>> {
+    fn authorization(&self) -> &watch::Sender<Option<AuthorizationOutcome>> {
+        self.authorization.get_or_init(|| watch::Sender::new(None))
+    }
+
+    fn pending(&self) -> MutexGuard<'_, Option<Box<(AuthorizeReply, CancellationToken)>>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The authorization waiting for the user, unless it has expired.
     fn waiting(&self, now: i64) -> Option<AuthorizeReply> {
         self.pending()
-            .as_ref()
+            .as_deref()
             .filter(|(reply, _)| reply.expires_at > now)
             .map(|(reply, _)| reply.clone())
     }
@@ -248,7 +255,7 @@ impl Client {
     /// Drops the waiting authorization if it is `state`; says whether it was.
     fn take_pending(&self, state: &str) -> bool {
         let mut pending = self.pending();
-        let current = pending.as_ref().is_some_and(|(r, _)| r.state == state);
+        let current = pending.as_deref().is_some_and(|(r, _)| r.state == state);
         if current {
             pending.take();
         }
@@ -460,7 +467,7 @@ impl Registry {
             .collect();
         let mut clients = BTreeMap::new();
         for (name, cfg) in &config.clients {
-            let client = new_client(cfg.clone(), by_name.remove(name.as_str()));
+            let client = new_client(cfg.clone(), by_name.remove(&**name));
             clients.insert(client.name.clone(), client);
         }
         // Clients the config no longer names are kept (disabled) so that putting them back
@@ -502,7 +509,7 @@ impl Registry {
                 Some(grant) => {
                     let cancel = self.shutdown.child_token();
                     let reply = device_reply(&row.state, &grant);
-                    *client.pending() = Some((reply, cancel.clone()));
+                    *client.pending() = Some(Box::new((reply, cancel.clone())));
                     // Rows from before fingerprints were kept: the configuration of now.
                     let started_under = grant.fingerprint.clone().unwrap_or(cfg.fingerprint());
                     self.poll_device(&client, row.state.clone(), grant, started_under, cancel);
@@ -550,7 +557,7 @@ impl Registry {
                 verification_uri: None,
                 expires_at: row.expires_at,
             };
-            *client.pending() = Some((reply, CancellationToken::new()));
+            *client.pending() = Some(Box::new((reply, CancellationToken::new())));
         }
         self.expire_later(client, &row.state, row.expires_at);
         Ok(())
@@ -645,7 +652,7 @@ impl Registry {
                 let rows = stored_rows.get_or_insert_with(|| self.store.load().unwrap_or_default());
                 let stored = rows
                     .iter()
-                    .position(|s| s.row.name == *name)
+                    .position(|s| *s.row.name == **name)
                     .map(|i| rows.swap_remove(i));
                 let client = new_client(cfg.clone(), stored);
                 changes.push(format!("{name}: added"));
@@ -1359,7 +1366,7 @@ impl Registry {
     /// A notice about `cfg`'s client, with the fields every event carries.
     fn notice(&self, kind: Kind, cfg: &ClientConfig, message: &str) -> Notice {
         let mut n = Notice::new(kind, &cfg.name, message);
-        n.provider = cfg.provider.clone();
+        n.provider = cfg.provider.to_string();
         n
     }
 
@@ -1554,7 +1561,8 @@ impl Registry {
     ) -> Result<(AuthorizeReply, PendingRow, CancellationToken), RegistryError> {
         let requested = cfg
             .redirect_uri
-            .clone()
+            .as_deref()
+            .cloned()
             .unwrap_or_else(redirect::default_redirect_uri);
         let state = oauth::random_token(32);
         let pkce = cfg.pkce.then(Pkce::new);
@@ -1901,7 +1909,7 @@ impl Registry {
         wait: Duration,
     ) -> Result<AuthorizationOutcome, RegistryError> {
         let client = self.known(name)?;
-        let mut rx = client.authorization.subscribe();
+        let mut rx = client.authorization().subscribe();
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let current = rx.borrow_and_update().clone();
@@ -2065,7 +2073,8 @@ impl Registry {
         keep: &str,
         next: Option<(AuthorizeReply, CancellationToken)>,
     ) -> Option<AuthorizeReply> {
-        let before = std::mem::replace(&mut *client.pending(), next).map(|(reply, cancel)| {
+        let before = std::mem::replace(&mut *client.pending(), next.map(Box::new)).map(|ended| {
+            let (reply, cancel) = *ended;
             cancel.cancel();
             reply
         });
@@ -2145,13 +2154,12 @@ fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
             st.reason = None;
         }
     }
-    let (authorization, _) = watch::channel(None);
     Arc::new(Client {
-        name: Arc::from(cfg.name.as_str()),
+        name: cfg.name.clone(),
         config: RwLock::new(cfg),
         state: Mutex::new(st),
         flight: tokio::sync::Mutex::new(()),
-        authorization,
+        authorization: std::sync::OnceLock::new(),
         pending: Mutex::new(None),
         starting: tokio::sync::Mutex::new(()),
     })
@@ -2236,7 +2244,7 @@ fn info(c: &Client) -> ClientInfo {
     let token = st.token.as_ref();
     ClientInfo {
         name: c.name.to_string(),
-        provider: cfg.provider.clone(),
+        provider: cfg.provider.to_string(),
         grant: cfg.grant.as_str().into(),
         status: status.as_str().into(),
         reason: st.reason.clone(),

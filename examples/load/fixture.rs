@@ -162,7 +162,7 @@ impl Setup {
         let mut writes = Vec::with_capacity(config.clients.len() * 2);
         for (name, cfg) in &config.clients {
             writes.push(Write::Client(ClientRow {
-                name: name.clone(),
+                name: name.to_string(),
                 status: "valid".into(),
                 fingerprint: cfg.fingerprint(),
                 reason: None,
@@ -188,7 +188,7 @@ impl Setup {
                 refresh_expiry_slides: false,
             };
             writes.push(Write::Token {
-                client: name.clone(),
+                client: name.to_string(),
                 token: Some((token, 1)),
             });
         }

@@ -63,7 +63,7 @@ pub struct Config {
     pub limits: Limits,
     /// Keys for encryption at rest of the tokens in the store; empty: stored in the clear.
     pub encryption: crate::seal::Keys,
-    pub clients: BTreeMap<String, Arc<ClientConfig>>,
+    pub clients: BTreeMap<Arc<str>, Arc<ClientConfig>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -206,7 +206,7 @@ pub struct SinkConfig {
     pub group: Option<Group>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Endpoints {
     pub authorize: Option<Url>,
     pub token: Url,
@@ -220,26 +220,30 @@ pub struct Endpoints {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientConfig {
-    pub name: String,
+    /// The same allocation as its key in `Config::clients` and the registry's name.
+    pub name: Arc<str>,
     /// `google`, `generic+custom`...: for `status`.
-    pub provider: String,
-    pub profile: Profile,
-    pub endpoints: Endpoints,
+    pub provider: Arc<str>,
+    /// Shared by the clients whose `provider` reads the same.
+    pub profile: Arc<Profile>,
+    /// Shared by the clients whose endpoints are the same URLs.
+    pub endpoints: Arc<Endpoints>,
     pub grant: Grant,
     pub client_id: String,
     pub client_secret: Option<Secret>,
     /// A private key and its claims: `private_key_jwt` client authentication, or the
     /// assertion of the `jwt_bearer` grant.
-    pub jwt: Option<crate::jwt::JwtSettings>,
+    pub jwt: Option<Box<crate::jwt::JwtSettings>>,
     pub scopes: Vec<String>,
     /// Whether the authorization request carries a PKCE S256 challenge.
     pub pkce: bool,
     /// The loopback redirect URI; `None`: `http://127.0.0.1:{free port}/callback`.
-    pub redirect_uri: Option<Url>,
+    pub redirect_uri: Option<Box<Url>>,
     pub authorize_params: BTreeMap<String, String>,
     /// How long an authorization waits for the browser.
     pub authorize_timeout: Duration,
-    pub refresh: RefreshPolicy,
+    /// Shared by the clients whose policy is the same (most take the global one).
+    pub refresh: Arc<RefreshPolicy>,
     pub sinks: Vec<SinkConfig>,
     /// A cron schedule that refreshes the token, for tokens without a known expiry.
     pub cron: Option<CronExpr>,
@@ -695,6 +699,9 @@ pub fn parse(src: &str, file: &Path) -> Result<Config, ConfigError> {
         src,
         file,
         dir: file.parent().unwrap_or(Path::new("/")),
+        profiles: Default::default(),
+        endpoints: Default::default(),
+        refresh_policies: Default::default(),
     }
     .config(raw)
 }
@@ -829,6 +836,13 @@ struct Resolver<'a> {
     src: &'a str,
     file: &'a Path,
     dir: &'a Path,
+    /// What clients share rather than each holding a copy: with 100,000 clients these are
+    /// most of the daemon's memory.
+    profiles: std::cell::RefCell<provider::Profiles>,
+    endpoints: std::cell::RefCell<std::collections::HashSet<Arc<Endpoints>>>,
+    /// Keyed by their `Debug` text: the policy holds floats, so it has no `Hash`, and the
+    /// text tells every field apart.
+    refresh_policies: std::cell::RefCell<HashMap<String, Arc<RefreshPolicy>>>,
 }
 
 impl Resolver<'_> {
@@ -993,7 +1007,7 @@ impl Resolver<'_> {
                     ));
                 }
             }
-            clients.insert(name, Arc::new(client));
+            clients.insert(client.name.clone(), Arc::new(client));
         }
         // The global policy is checked for its own errors; clients carry their merged copy.
         let _ = global_refresh;
@@ -1141,7 +1155,8 @@ impl Resolver<'_> {
             (None, Some(sa)) => sa.client_email.clone(),
             (None, None) => return Err(err(&[], "missing field `client_id`".into())),
         };
-        let (provider_label, profile) = provider::resolve(&rc.provider).map_err(|e| match e {
+        let resolved = self.profiles.borrow_mut().resolve(&rc.provider);
+        let (provider_label, profile) = resolved.map_err(|e| match e {
             provider::ProfileError::Invalid { field, message }
                 if matches!(rc.provider, ProfileSpec::Layer(_)) =>
             {
@@ -1323,6 +1338,7 @@ impl Resolver<'_> {
         let refresh_at = at(&["refresh"]);
         let refresh_refs: Vec<&str> = refresh_at.iter().map(String::as_str).collect();
         let refresh = self.refresh(global_refresh, &rc.refresh, &refresh_refs)?;
+        let refresh = self.shared_refresh(refresh);
 
         let mut sinks = Vec::with_capacity(rc.sinks.len());
         for (i, s) in rc.sinks.into_iter().enumerate() {
@@ -1402,24 +1418,26 @@ impl Resolver<'_> {
             ));
         }
 
+        // serde reserves room for four; the list lives as long as the configuration.
+        scopes.shrink_to_fit();
         Ok(ClientConfig {
-            name: name.to_string(),
+            name: name.into(),
             provider: provider_label,
             profile,
-            endpoints: Endpoints {
+            endpoints: self.shared_endpoints(Endpoints {
                 authorize,
                 token,
                 refresh: refresh_url,
                 revoke,
                 device_authorization,
-            },
+            }),
             grant: rc.grant,
             client_id,
-            jwt,
+            jwt: jwt.map(Box::new),
             client_secret,
             scopes,
             pkce,
-            redirect_uri,
+            redirect_uri: redirect_uri.map(Box::new),
             authorize_params,
             authorize_timeout: rc
                 .authorize_timeout
@@ -1430,6 +1448,26 @@ impl Resolver<'_> {
             auto_authorize: rc.auto_authorize.unwrap_or(true),
             notify_token: rc.notify_token.unwrap_or(false),
         })
+    }
+
+    /// `endpoints`, or the same ones another client already holds.
+    fn shared_endpoints(&self, endpoints: Endpoints) -> Arc<Endpoints> {
+        let mut known = self.endpoints.borrow_mut();
+        if let Some(shared) = known.get(&endpoints) {
+            return shared.clone();
+        }
+        let shared = Arc::new(endpoints);
+        known.insert(shared.clone());
+        shared
+    }
+
+    /// `policy`, or the same one another client already holds.
+    fn shared_refresh(&self, policy: RefreshPolicy) -> Arc<RefreshPolicy> {
+        self.refresh_policies
+            .borrow_mut()
+            .entry(format!("{policy:?}"))
+            .or_insert_with(|| Arc::new(policy))
+            .clone()
     }
 
     /// The client's signing key and claims, from `private_key` or a service account file.

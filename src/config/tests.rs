@@ -259,3 +259,41 @@ fn secrets_may_come_from_a_command() {
     ];
     assert_refused(&cases);
 }
+
+/// With 100,000 clients, a copy of the profile, endpoints and refresh policy in each was most
+/// of the daemon's memory: clients that read the same share one.
+#[test]
+fn clients_of_one_provider_share_profile_endpoints_and_policy() {
+    let src = r#"
+clients:
+  a: {provider: google, client_id: one}
+  b: {provider: google, client_id: two}
+  c: {provider: microsoft, client_id: three, tenant: t1}
+  d: {provider: microsoft, client_id: four, tenant: t2}
+  e: {provider: google, client_id: five, refresh: {before_expiry: 5m}}
+  f: {provider: {base: google, scope_separator: ","}, client_id: six}
+  g: {provider: {base: google, scope_separator: ","}, client_id: seven}
+"#;
+    let c = parse_at(src).expect("valid");
+    let client = |n: &str| c.clients[n].clone();
+    let (a, b, cc, d, e, f, g) = (
+        client("a"),
+        client("b"),
+        client("c"),
+        client("d"),
+        client("e"),
+        client("f"),
+        client("g"),
+    );
+    assert!(Arc::ptr_eq(&a.profile, &b.profile) && Arc::ptr_eq(&a.profile, &e.profile));
+    assert!(Arc::ptr_eq(&cc.profile, &d.profile) && !Arc::ptr_eq(&a.profile, &cc.profile));
+    assert!(Arc::ptr_eq(&f.profile, &g.profile) && !Arc::ptr_eq(&a.profile, &f.profile));
+    assert_eq!(&*f.provider, "google+custom");
+    assert_eq!(f.profile.scope_separator, ",");
+    assert!(Arc::ptr_eq(&a.endpoints, &b.endpoints));
+    // Another tenant is another token endpoint.
+    assert!(!Arc::ptr_eq(&cc.endpoints, &d.endpoints));
+    assert_ne!(cc.endpoints.token, d.endpoints.token);
+    assert!(Arc::ptr_eq(&a.refresh, &b.refresh) && !Arc::ptr_eq(&a.refresh, &e.refresh));
+    assert!(Arc::ptr_eq(&a.name, c.clients.keys().next().expect("a")));
+}
