@@ -21,6 +21,13 @@ pub fn request_bytes(path: &str, keep_alive: bool) -> Vec<u8> {
     .into_bytes()
 }
 
+/// One token request for each of the clients `c0`..`c{clients-1}`, in turn.
+pub fn token_requests(clients: usize, keep_alive: bool) -> Vec<Vec<u8>> {
+    (0..clients)
+        .map(|i| request_bytes(&format!("/v1/clients/c{i}/token"), keep_alive))
+        .collect()
+}
+
 /// Reads one response (head and `Content-Length` body) into `buf`; returns the status.
 pub fn read_response(stream: &mut UnixStream, buf: &mut Vec<u8>) -> io::Result<u16> {
     buf.clear();

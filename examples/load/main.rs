@@ -188,9 +188,14 @@ impl Figures {
         self.rps8
             .push(client::throughput(socket, requests, 8, PER_THREAD, false).map_err(io)?);
         self.cpu
-            .push((cpu_ticks() - before) as f64 * 10_000.0 / (8 * PER_THREAD) as f64);
+            .push(cpu_us_per_request(cpu_ticks() - before, 8 * PER_THREAD));
         Ok(())
     }
+}
+
+/// CPU time per request in µs, from clock ticks (1/100 s) spent over `requests`.
+fn cpu_us_per_request(ticks: u64, requests: usize) -> f64 {
+    ticks as f64 * 10_000.0 / requests as f64
 }
 
 fn socket(bin: &Path, runs: usize) -> Outcome {
@@ -201,12 +206,8 @@ fn socket(bin: &Path, runs: usize) -> Outcome {
     let daemon_socket = setup.socket.clone();
     let token = client::request_bytes("/v1/clients/c0/token", false);
     let token_kept = client::request_bytes("/v1/clients/c0/token", true);
-    let many: Vec<Vec<u8>> = (0..100)
-        .map(|i| client::request_bytes(&format!("/v1/clients/c{i}/token"), false))
-        .collect();
-    let many_kept: Vec<Vec<u8>> = (0..100)
-        .map(|i| client::request_bytes(&format!("/v1/clients/c{i}/token"), true))
-        .collect();
+    let many = client::token_requests(100, false);
+    let many_kept = client::token_requests(100, true);
     // The floor answers with the very bytes the daemon sends for c0's token.
     let mut buf = Vec::new();
     client::fresh(&daemon_socket, &token, &mut buf).map_err(io)?;
@@ -295,9 +296,7 @@ fn hammer(bin: &Path, seconds: u64) -> Outcome {
     let server = TokenServer::start().map_err(io)?;
     let (setup, daemon) = serving(bin, &server, 100)?;
     println!("daemon pid {}", daemon.pid());
-    let many: Vec<Vec<u8>> = (0..100)
-        .map(|i| client::request_bytes(&format!("/v1/clients/c{i}/token"), false))
-        .collect();
+    let many = client::token_requests(100, false);
     let begun = Instant::now();
     let (mut requests, before) = (0, daemon.cpu_ticks());
     while begun.elapsed() < Duration::from_secs(seconds) {
@@ -308,7 +307,7 @@ fn hammer(bin: &Path, seconds: u64) -> Outcome {
     println!(
         "{requests} requests in {elapsed:.1} s: {:.0}/s; daemon CPU {:.1} µs a request",
         requests as f64 / elapsed,
-        (daemon.cpu_ticks() - before) as f64 * 10_000.0 / requests as f64
+        cpu_us_per_request(daemon.cpu_ticks() - before, requests)
     );
     Ok(())
 }
@@ -370,9 +369,7 @@ fn memory(bin: &Path, runs: usize) -> Outcome {
     }
     // Growth: 1 million requests on new connections, 8 clients, spread over 100 clients.
     let (setup, daemon) = serving(bin, &server, 100)?;
-    let many: Vec<Vec<u8>> = (0..100)
-        .map(|i| client::request_bytes(&format!("/v1/clients/c{i}/token"), false))
-        .collect();
+    let many = client::token_requests(100, false);
     client::throughput(&setup.socket, &many, 8, 12_500, false).map_err(io)?;
     let warm = daemon.rss_kib();
     let mut marks = vec![warm];
