@@ -184,6 +184,47 @@ pub struct RefreshPolicy {
     pub warn_before: Duration,
 }
 
+/// What tells two refresh policies apart, in a form that can be hashed.
+type PolicyKey = (
+    (Option<u64>, Option<Duration>),
+    Duration,
+    Option<Duration>,
+    u64,
+    Duration,
+    Duration,
+    Duration,
+);
+
+impl RefreshPolicy {
+    /// The policy as a hashable key: floats by their bits, -0 read as 0. Every field is named,
+    /// so a new one cannot be left out of it.
+    fn key(&self) -> PolicyKey {
+        let RefreshPolicy {
+            before_expiry,
+            min_before_expiry,
+            at_least,
+            jitter,
+            retry_initial,
+            retry_max,
+            warn_before,
+        } = *self;
+        let bits = |x: f64| (x + 0.0).to_bits();
+        let before_expiry = match before_expiry {
+            BeforeExpiry::Share(share) => (Some(bits(share.0)), None),
+            BeforeExpiry::Fixed(fixed) => (None, Some(fixed)),
+        };
+        (
+            before_expiry,
+            min_before_expiry,
+            at_least,
+            bits(jitter),
+            retry_initial,
+            retry_max,
+            warn_before,
+        )
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SinkFormat {
@@ -840,9 +881,7 @@ struct Resolver<'a> {
     /// most of the daemon's memory.
     profiles: std::cell::RefCell<provider::Profiles>,
     endpoints: std::cell::RefCell<std::collections::HashSet<Arc<Endpoints>>>,
-    /// Keyed by their `Debug` text: the policy holds floats, so it has no `Hash`, and the
-    /// text tells every field apart.
-    refresh_policies: std::cell::RefCell<HashMap<String, Arc<RefreshPolicy>>>,
+    refresh_policies: std::cell::RefCell<HashMap<PolicyKey, Arc<RefreshPolicy>>>,
 }
 
 impl Resolver<'_> {
@@ -1465,7 +1504,7 @@ impl Resolver<'_> {
     fn shared_refresh(&self, policy: RefreshPolicy) -> Arc<RefreshPolicy> {
         self.refresh_policies
             .borrow_mut()
-            .entry(format!("{policy:?}"))
+            .entry(policy.key())
             .or_insert_with(|| Arc::new(policy))
             .clone()
     }
