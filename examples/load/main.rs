@@ -91,8 +91,7 @@ fn main() -> std::process::ExitCode {
         match args.scenario {
             Scenario::Hammer { seconds } => hammer(&bin, seconds)?,
             Scenario::Prepare { clients } => {
-                let setup = Setup::new(clients, "http://127.0.0.1:9", "").map_err(io)?;
-                setup.seed(now_ms(), Duration::from_secs(86400))?;
+                let setup = with_fresh_tokens(clients, "http://127.0.0.1:9")?;
                 println!("{}", setup.config.display());
                 std::mem::forget(setup.dir.keep());
             }
@@ -119,10 +118,17 @@ fn now_ms() -> i64 {
 
 /// A daemon with `clients` clients whose tokens are valid for a day.
 fn serving(bin: &Path, server: &TokenServer, clients: usize) -> Result<(Setup, Daemon), String> {
-    let setup = Setup::new(clients, &server.url(), "").map_err(io)?;
-    setup.seed(now_ms(), Duration::from_secs(86400))?;
+    let setup = with_fresh_tokens(clients, &server.url())?;
     let daemon = Daemon::start(bin, &setup)?;
     Ok((setup, daemon))
+}
+
+/// `clients` clients of the token endpoint at `url`, each with a token obtained now and valid
+/// for a day, so that none is refreshed while measured.
+fn with_fresh_tokens(clients: usize, url: &str) -> Result<Setup, String> {
+    let setup = Setup::new(clients, url, "").map_err(io)?;
+    setup.seed(now_ms(), Duration::from_secs(86400))?;
+    Ok(setup)
 }
 
 /// Requests each of the 8 client threads makes in a socket throughput figure.
@@ -497,8 +503,7 @@ fn startup(bin: &Path, runs: usize) -> Outcome {
     const CLIENTS: usize = 100_000;
     println!("## startup: {CLIENTS} clients with tokens ({runs} runs)");
     let server = TokenServer::start().map_err(io)?;
-    let setup = Setup::new(CLIENTS, &server.url(), "").map_err(io)?;
-    setup.seed(now_ms(), Duration::from_secs(86400))?;
+    let setup = with_fresh_tokens(CLIENTS, &server.url())?;
     let mut times = Vec::new();
     let mut idle = Vec::new();
     for run in 0..runs {
@@ -535,8 +540,7 @@ fn reload(bin: &Path, runs: usize) -> Outcome {
     let server = TokenServer::start().map_err(io)?;
     // Debounced file watching would reload too; a long debounce is not available, so the
     // figure is the API's reload, which the watcher's later one finds unchanged.
-    let setup = Setup::new(CLIENTS, &server.url(), "").map_err(io)?;
-    setup.seed(now_ms(), Duration::from_secs(86400))?;
+    let setup = with_fresh_tokens(CLIENTS, &server.url())?;
     let _daemon = Daemon::start(bin, &setup)?;
     let request = b"POST /v1/reload HTTP/1.1\r\nHost: oauth2mci\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
     let mut times = Vec::new();
