@@ -1,9 +1,14 @@
-//! The command line. Every command but `daemon`, `check-config` and `providers` is a client of
-//! the daemon's socket; it speaks HTTP/1.1 over a blocking Unix stream, with no async runtime, so
-//! that `oauth2mci token NAME` (run by mail clients for every connection) starts and ends fast.
+//! The command line, shared by the two binaries. Every command but `daemon`, `check-config` and
+//! `providers` is a client of the daemon's socket; it speaks HTTP/1.1 over a blocking Unix
+//! stream, with no async runtime, so that `oauth2mci token NAME` (run by mail clients for every
+//! connection) starts and ends fast.
+//!
+//! `oauth2mci` (src/main.rs) is that client alone: it hands the three daemon-side commands to
+//! `oauth2mcid` beside it, so it links none of the daemon's code and, built static, starts in a
+//! third of the time (BENCHMARKS.md). `oauth2mcid` (src/bin/oauth2mcid.rs) is the daemon and runs
+//! every command itself.
 
 use crate::config;
-use crate::provider;
 use crate::wire::{
     self, AuthorizationOutcome, AuthorizeReply, ClientInfo, ErrorReply, ReloadReply, RevokeReply,
     TokenReply,
@@ -52,18 +57,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the daemon in the foreground (systemd runs exactly this).
-    Daemon {
-        /// The configuration file [default: /etc/oauth2mci/config.yaml for root, else
-        /// $XDG_CONFIG_HOME/oauth2mci/config.yaml].
-        #[arg(long, short, env = "OAUTH2MCI_CONFIG", value_name = "FILE")]
-        config: Option<PathBuf>,
-    },
-    /// Validate a configuration without running it; errors name file:line:column.
-    CheckConfig {
-        #[arg(value_name = "FILE")]
-        file: Option<PathBuf>,
-    },
+    #[command(flatten)]
+    DaemonSide(DaemonCommand),
     /// Show clients: status, expiry, last refresh, last error.
     Status {
         name: Option<String>,
@@ -100,6 +95,23 @@ enum Command {
     },
     /// Re-read the daemon's configuration file.
     Reload,
+}
+
+/// The commands that run the daemon's own code rather than ask it over the socket.
+#[derive(Subcommand, Debug)]
+pub enum DaemonCommand {
+    /// Run the daemon in the foreground (systemd runs exactly this).
+    Daemon {
+        /// The configuration file [default: /etc/oauth2mci/config.yaml for root, else
+        /// $XDG_CONFIG_HOME/oauth2mci/config.yaml].
+        #[arg(long, short, env = "OAUTH2MCI_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration without running it; errors name file:line:column.
+    CheckConfig {
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
     /// List the built-in provider profiles, or show one in full.
     Providers {
         /// A profile to show with every field resolved (what `provider: NAME` gives a client).
@@ -127,7 +139,9 @@ impl Failure {
     }
 }
 
-pub fn main() -> ExitCode {
+/// Runs the command line; `daemon_side` runs the commands that need the daemon's code:
+/// `in_process` in the daemon binary, `exec_daemon_binary` in the small client.
+pub fn main(daemon_side: fn(DaemonCommand) -> Result<(), Failure>) -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -139,7 +153,10 @@ pub fn main() -> ExitCode {
             });
         }
     };
-    if !matches!(cli.command, Command::Daemon { .. }) {
+    if !matches!(
+        cli.command,
+        Command::DaemonSide(DaemonCommand::Daemon { .. })
+    ) {
         // A reader that goes away (`oauth2mci token x | head -c 10`) ends a client command
         // quietly, as it does other Unix tools, instead of a panic about a broken pipe.
         // SAFETY: no other thread runs yet, and SIG_DFL holds no Rust state.
@@ -150,7 +167,7 @@ pub fn main() -> ExitCode {
             )
         };
     }
-    match run(cli) {
+    match run(cli, daemon_side) {
         Ok(()) => ExitCode::from(exit::OK),
         Err(f) => {
             eprintln!("oauth2mci: {}", f.message);
@@ -159,19 +176,73 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<(), Failure> {
-    let socket = || cli.socket.clone().unwrap_or_else(default_socket);
-    match cli.command {
-        Command::Daemon { config } => {
+/// The daemon-side commands, run in this process (the daemon binary).
+pub fn in_process(command: DaemonCommand) -> Result<(), Failure> {
+    use crate::provider;
+    match command {
+        DaemonCommand::Daemon { config } => {
             let file = config.unwrap_or_else(config::default_config_file);
             crate::daemon::run(&file).map_err(|e| Failure::new(exit::ERROR, e.to_string()))
         }
-        Command::CheckConfig { file } => {
+        DaemonCommand::CheckConfig { file } => {
             let file = file.unwrap_or_else(config::default_config_file);
             let c = config::load(&file).map_err(|e| Failure::new(exit::ERROR, e.to_string()))?;
             println!("{}: ok, {} client(s)", c.file.display(), c.clients.len());
             Ok(())
         }
+        DaemonCommand::Providers { name: None } => {
+            for name in provider::builtin_names() {
+                let spec = provider::ProfileSpec::Named(name.to_string());
+                match provider::resolve(&spec) {
+                    Ok((_, p)) => println!("{name:<16} {}", p.description),
+                    Err(e) => println!("{name:<16} (broken profile: {e})"),
+                }
+            }
+            Ok(())
+        }
+        DaemonCommand::Providers { name: Some(name) } => match provider::show(&name) {
+            Ok(yaml) => {
+                println!("# provider: {name}, every field resolved");
+                print!("{yaml}");
+                Ok(())
+            }
+            Err(e) => Err(Failure::new(exit::USAGE, e.to_string())),
+        },
+    }
+}
+
+/// The name of the daemon binary, looked for beside the client and then on `PATH`.
+pub const DAEMON_BINARY: &str = "oauth2mcid";
+
+/// The daemon-side commands, handed to the daemon binary with this command line as it is (the
+/// small client): the process is replaced, so its id, signals and exit code are the daemon's.
+pub fn exec_daemon_binary(_: DaemonCommand) -> Result<(), Failure> {
+    use std::os::unix::process::CommandExt;
+    let beside = std::env::current_exe()
+        .ok()
+        .map(|exe| exe.with_file_name(DAEMON_BINARY))
+        .filter(|path| path.is_file());
+    let program = beside
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DAEMON_BINARY));
+    let e = std::process::Command::new(&program)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    Err(Failure::new(
+        exit::ERROR,
+        match beside {
+            Some(path) => format!("cannot run the daemon binary {}: {e}", path.display()),
+            None => format!(
+                "cannot run the daemon binary {DAEMON_BINARY} (it is neither beside this program nor on PATH): {e}"
+            ),
+        },
+    ))
+}
+
+fn run(cli: Cli, daemon_side: fn(DaemonCommand) -> Result<(), Failure>) -> Result<(), Failure> {
+    let socket = || cli.socket.clone().unwrap_or_else(default_socket);
+    match cli.command {
+        Command::DaemonSide(command) => daemon_side(command),
         Command::Status { name, json } => status(&socket(), name.as_deref(), json),
         Command::Token { name, min_valid } => {
             let mut path = format!("/v1/clients/{}/token", encode(&name));
@@ -224,24 +295,6 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Providers { name: None } => {
-            for name in provider::builtin_names() {
-                let spec = provider::ProfileSpec::Named(name.to_string());
-                match provider::resolve(&spec) {
-                    Ok((_, p)) => println!("{name:<16} {}", p.description),
-                    Err(e) => println!("{name:<16} (broken profile: {e})"),
-                }
-            }
-            Ok(())
-        }
-        Command::Providers { name: Some(name) } => match provider::show(&name) {
-            Ok(yaml) => {
-                println!("# provider: {name}, every field resolved");
-                print!("{yaml}");
-                Ok(())
-            }
-            Err(e) => Err(Failure::new(exit::USAGE, e.to_string())),
-        },
     }
 }
 

@@ -24,6 +24,47 @@ fn shipped_configs_are_valid() {
     }
 }
 
+/// The client binary holds no daemon code: it hands daemon-side commands to `oauth2mcid`
+/// beside it (or on PATH), and says so plainly when there is none.
+#[test]
+fn the_client_hands_daemon_commands_to_the_daemon_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let alone = dir.path().join("oauth2mci");
+    std::fs::copy(BIN, &alone).unwrap();
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.yaml");
+    let o = Command::new(&alone)
+        .arg("check-config")
+        .arg(&example)
+        .env("PATH", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot run the daemon binary oauth2mcid (it is neither beside this program nor on PATH)"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Beside it, the daemon binary answers with its own output and exit code.
+    std::os::unix::fs::symlink(
+        env!("CARGO_BIN_EXE_oauth2mcid"),
+        dir.path().join("oauth2mcid"),
+    )
+    .unwrap();
+    let o = Command::new(&alone)
+        .arg("check-config")
+        .arg(&example)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ok, 2 client(s)"));
+    let o = Command::new(&alone)
+        .args(["providers", "no-such-provider"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
 #[test]
 fn bad_configs_name_file_line_and_column() {
     let dir = tempfile::tempdir().unwrap();

@@ -205,28 +205,52 @@ impl Setup {
     }
 }
 
-/// The daemon binary, built for release beside this example.
+/// The release binaries beside this example, built as README.md says to install them: the
+/// daemon `oauth2mcid`, and the client `oauth2mci` linked static. Returns the daemon's path;
+/// the client is `client_binary` of it.
 pub fn daemon_binary() -> Result<PathBuf, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "--quiet", "--bin", "oauth2mci"])
-        .status()
-        .map_err(|e| format!("cannot run cargo to build the daemon: {e}"))?;
-    if !status.success() {
-        return Err("cargo build --release --bin oauth2mci failed".into());
+    let builds: [&[&str]; 2] = [
+        &["build", "--release", "--quiet", "--bin", "oauth2mcid"],
+        &[
+            "rustc",
+            "--release",
+            "--quiet",
+            "--bin",
+            "oauth2mci",
+            "--",
+            "-C",
+            "target-feature=+crt-static",
+        ],
+    ];
+    for args in builds {
+        let status = Command::new(&cargo)
+            .args(args)
+            .status()
+            .map_err(|e| format!("cannot run cargo to build the binaries: {e}"))?;
+        if !status.success() {
+            return Err(format!("cargo {} failed", args.join(" ")));
+        }
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    // target/release/examples/load -> target/release/oauth2mci
+    // target/release/examples/load -> target/release/oauth2mcid
     let bin = exe
         .parent()
         .and_then(Path::parent)
-        .map(|d| d.join("oauth2mci"))
+        .map(|d| d.join("oauth2mcid"))
         .ok_or("cannot find the target folder")?;
-    if bin.exists() {
-        Ok(bin)
-    } else {
-        Err(format!("{} is missing after the build", bin.display()))
+    let missing = [bin.clone(), client_binary(&bin)]
+        .into_iter()
+        .find(|b| !b.exists());
+    match missing {
+        None => Ok(bin),
+        Some(missing) => Err(format!("{} is missing after the build", missing.display())),
     }
+}
+
+/// The command line client beside the daemon binary.
+pub fn client_binary(daemon: &Path) -> PathBuf {
+    daemon.with_file_name("oauth2mci")
 }
 
 /// A running daemon; killed (SIGTERM, then SIGKILL) when dropped.

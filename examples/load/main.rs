@@ -338,7 +338,7 @@ fn cli(bin: &Path, runs: usize) -> Outcome {
         }
         Ok(t.elapsed().as_secs_f64() * 1e6 / CALLS as f64)
     };
-    let token = format!("{} token c0", bin.display());
+    let token = format!("{} token c0", fixture::client_binary(bin).display());
     let (mut truths, mut tokens, mut extra) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
         let t = time_loop("/bin/true")?;
