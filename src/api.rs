@@ -1,11 +1,13 @@
 //! The socket API: HTTP/1.1 + JSON over the daemon's Unix socket (`curl --unix-socket` works).
 //!
-//! Every connection is served by its own task, so a consumer that holds a connection open (or
-//! waits for a slow refresh) delays nobody else; at most `limits.max_connections` are served at
+//! Threads accept connections; a request for a ready token is answered on the accepting thread
+//! (`fast_path`), any other by its own task, so a consumer that holds a connection open (or
+//! waits for a slow refresh) delays nobody else. At most `limits.max_connections` are served at
 //! once and more wait in the listen backlog. Errors are `{"error": code, "message": text}`.
 
+use crate::fast_path::Answered;
 use crate::registry::{Method, Registry, RegistryError, Trigger};
-use crate::token::now_ms;
+use crate::token::{TokenSet, now_ms};
 use crate::unix_conn::{Conn, Listener};
 use crate::wire::{self, ErrorReply, Health, ReloadReply, TokenReply};
 use axum::extract::{Path, RawQuery, State};
@@ -20,7 +22,7 @@ use std::path::Path as FsPath;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -180,20 +182,23 @@ async fn token(
     let params = query(raw, &["min_valid"])?;
     let min_valid = duration_param(&params, "min_valid")?.unwrap_or(Duration::ZERO);
     let t = r.token(&name, min_valid).await?;
-    let now = now_ms();
-    let reply = TokenReply {
+    let mut response = Json(token_reply(&t, now_ms())).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+/// The answer to a token request (also given by `fast_path`).
+pub fn token_reply(t: &TokenSet, now: i64) -> TokenReply {
+    TokenReply {
         access_token: t.access_token.expose().to_string(),
         token_type: t.token_type.clone(),
         expires_at: t.expires_at,
         expires_in: t.remaining(now).map(|ms| ms.div_euclid(1000)),
         scope: t.scope.clone(),
         extra: t.extra.clone(),
-    };
-    let mut response = Json(reply).into_response();
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(response)
+    }
 }
 
 async fn refresh(
@@ -411,7 +416,6 @@ pub fn bind(path: &FsPath, mode: u32, gid: Option<u32>) -> Result<Listener, Stri
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     Listener::new(listener).map_err(|e| e.to_string())
 }
 
@@ -495,71 +499,214 @@ async fn refuse(mut stream: Conn, who: String) {
     let _ = stream.shutdown().await;
 }
 
-/// Serves the API until `shutdown`; open connections get a moment to finish.
-pub async fn serve(
+/// The API being served: threads that accept connections, and tasks for those that need the
+/// runtime.
+pub struct Server {
+    acceptor: Arc<Acceptor>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// What every accepting thread shares.
+struct Acceptor {
+    listener: Listener,
+    registry: Arc<Registry>,
+    app: Router,
+    /// One permit for each connection being served, fast or not.
+    slots: Arc<Semaphore>,
+    peers: PeerPolicy,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    runtime: tokio::runtime::Handle,
+}
+
+/// Serves the API until `shutdown`: call from inside the runtime, then `Server::stop`.
+///
+/// Connections are accepted by blocking threads, as many as there are cores (at most four):
+/// each answers a ready token itself (`fast_path`) and passes any other request to a task
+/// served by hyper. So a consumer that holds a connection open, trickles its request, or waits
+/// for a slow refresh delays nobody else.
+pub fn serve(
     listener: Listener,
     registry: Arc<Registry>,
     max_connections: usize,
     peers: PeerPolicy,
     shutdown: CancellationToken,
     tasks: TaskTracker,
-) {
-    let app = router(registry);
-    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
+) -> Result<Server, String> {
+    let acceptor = Arc::new(Acceptor {
+        listener,
+        app: router(registry.clone()),
+        registry,
+        slots: Arc::new(Semaphore::new(max_connections.max(1))),
+        peers,
+        shutdown,
+        tasks,
+        runtime: tokio::runtime::Handle::current(),
+    });
+    let count = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let mut server = Server {
+        acceptor: acceptor.clone(),
+        threads: Vec::new(),
+    };
+    for i in 0..count {
+        let acceptor = acceptor.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("socket-accept-{i}"))
+            .spawn(move || acceptor.run())
+            .map_err(|e| format!("cannot start a thread to accept connections: {e}"));
+        match thread {
+            Ok(thread) => server.threads.push(thread),
+            Err(e) => {
+                server.wake();
+                return Err(e);
+            }
+        }
+    }
+    Ok(server)
+}
+
+impl Server {
+    /// Stops accepting (the shutdown token must be cancelled already, or be soon) and waits for
+    /// the accepting threads; connections in tasks finish with the other tasks.
+    pub async fn stop(mut self) {
+        self.wake();
+        let threads = std::mem::take(&mut self.threads);
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
+    }
+
+    fn wake(&self) {
+        if let Err(e) = self.acceptor.listener.wake_all() {
+            tracing::warn!("cannot stop accepting on the socket: {e}");
+        }
+    }
+}
+
+impl Acceptor {
+    fn run(&self) {
+        let mut first = Vec::new();
+        loop {
+            let Some(permit) = self.slot() else { return };
+            let (mut stream, peer) = match self.listener.accept() {
                 Ok(accepted) => accepted,
+                Err(_) if self.shutdown.is_cancelled() => return,
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
                     tracing::warn!("socket accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    std::thread::sleep(Duration::from_millis(100));
                     continue;
                 }
-            },
-        };
-        let refused = match &peer {
-            Ok((uid, gid)) if peers.allows(*uid, *gid) => None,
-            Ok((uid, _)) => Some(format!("uid {uid}")),
-            Err(e) => Some(format!("a peer whose credentials cannot be read ({e})")),
-        };
-        if let Some(who) = refused {
-            tracing::warn!("socket connection refused: {who} is not allowed");
-            tasks.spawn(async move {
-                let _permit = permit;
-                refuse(stream, who).await;
-            });
-            continue;
-        }
-        let app = app.clone();
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            let _permit = permit;
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                // A client that shuts its side down once the request is written (`nc -N`)
-                // still gets the answer.
-                .half_close(true)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!("socket connection: {e}");
+            };
+            let refused = match &peer {
+                Ok((uid, gid)) if self.peers.allows(*uid, *gid) => None,
+                Ok((uid, _)) => Some(format!("uid {uid}")),
+                Err(e) => Some(format!("a peer whose credentials cannot be read ({e})")),
+            };
+            if let Some(who) = refused {
+                tracing::warn!("socket connection refused: {who} is not allowed");
+                self.tasks.spawn_on(
+                    async move {
+                        let _permit = permit;
+                        refuse(Conn::new(stream), who).await;
+                    },
+                    &self.runtime,
+                );
+                continue;
+            }
+            if let Err(e) = crate::unix_conn::read_first(&mut stream, &mut first) {
+                tracing::debug!("socket connection: {e}");
+                continue;
+            }
+            let conn = match crate::fast_path::parse(&first) {
+                None => Conn::after_first_read(stream, std::mem::take(&mut first)),
+                Some(request) => {
+                    match crate::fast_path::answer(&mut stream, &request, &self.registry) {
+                        Ok(None) => Conn::after_first_read(stream, std::mem::take(&mut first)),
+                        Ok(Some(Answered::Done)) if request.close => continue,
+                        Ok(Some(Answered::Done)) => Conn::answered(stream),
+                        Ok(Some(Answered::Partly(rest))) => {
+                            let close = request.close;
+                            self.finish(Conn::answered(stream), rest, close, permit);
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::debug!("socket connection: {e}");
+                            continue;
+                        }
                     }
                 }
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
-                }
+            };
+            let (app, shutdown) = (self.app.clone(), self.shutdown.clone());
+            self.tasks.spawn_on(
+                async move {
+                    let _permit = permit;
+                    serve_connection(app, conn, shutdown).await;
+                },
+                &self.runtime,
+            );
+        }
+    }
+
+    /// A permit to serve one more connection, waiting while `max_connections` are served;
+    /// `None` at shutdown.
+    fn slot(&self) -> Option<OwnedSemaphorePermit> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        self.runtime.block_on(async {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => None,
+                permit = self.slots.clone().acquire_owned() => permit.ok(),
             }
-        });
+        })
+    }
+
+    /// Writes the rest of an answer begun on the accepting thread, then serves the connection
+    /// on if the client keeps it.
+    fn finish(&self, mut conn: Conn, rest: Vec<u8>, close: bool, permit: OwnedSemaphorePermit) {
+        let (app, shutdown) = (self.app.clone(), self.shutdown.clone());
+        self.tasks.spawn_on(
+            async move {
+                use tokio::io::AsyncWriteExt;
+                let _permit = permit;
+                match tokio::time::timeout(HEADER_TIMEOUT, conn.write_all(&rest)).await {
+                    Ok(Ok(())) if !close => serve_connection(app, conn, shutdown).await,
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!("socket connection: {e}"),
+                    Err(_) => {
+                        tracing::debug!("socket connection: the client did not read its answer")
+                    }
+                }
+            },
+            &self.runtime,
+        );
+    }
+}
+
+/// Serves HTTP on one connection until it closes; at shutdown it gets a moment to finish.
+async fn serve_connection(app: Router, conn: Conn, shutdown: CancellationToken) {
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        // A client that shuts its side down once the request is written (`nc -N`) still gets
+        // the answer.
+        .half_close(true)
+        .serve_connection(hyper_util::rt::TokioIo::new(conn), service);
+    tokio::pin!(served);
+    tokio::select! {
+        result = served.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!("socket connection: {e}");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            served.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(2), served).await;
+        }
     }
 }

@@ -93,14 +93,15 @@ async fn serve(config: Arc<Config>) -> Result<(), DaemonError> {
     let tasks = TaskTracker::new();
     let registry =
         Registry::start(config.clone(), store, shutdown.clone(), tasks.clone()).map_err(start)?;
-    let api_task = tokio::spawn(api::serve(
+    let api = api::serve(
         listener,
         registry.clone(),
         config.limits.max_connections,
         api::PeerPolicy::new(&config.socket),
         shutdown.clone(),
         tasks.clone(),
-    ));
+    )
+    .map_err(start)?;
     let signals = signal_handler(registry.clone()).map_err(start)?;
     let watcher = watch_config(registry.clone()).map_err(start)?;
     let cron = start_cron(registry.clone()).await.map_err(start)?;
@@ -122,7 +123,7 @@ async fn serve(config: Arc<Config>) -> Result<(), DaemonError> {
     if let Some(mut cron) = cron {
         let _ = cron.shutdown().await;
     }
-    let _ = api_task.await;
+    api.stop().await;
     watchdog.abort();
     // A grant request in flight may rotate the refresh token: give it time to land in the store.
     tasks.close();

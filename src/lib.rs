@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod device;
+pub mod fast_path;
 pub mod jwt;
 pub mod notify;
 pub mod oauth;

@@ -227,6 +227,15 @@ impl Client {
             .clone()
     }
 
+    /// The current token, if it can be served as it is (no refresh to wait for) and stays
+    /// valid `min_valid` longer.
+    pub fn ready_token(&self, min_valid: Duration) -> Option<TokenSet> {
+        let cfg = self.config();
+        let st = self.state();
+        let t = st.token.as_ref()?;
+        (servable(&st, &cfg) && t.valid_for(now_ms(), min_valid)).then(|| t.clone())
+    }
+
     fn state(&self) -> MutexGuard<'_, ClientState> {
         // A panic elsewhere must not take every later request down with it.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -936,15 +945,8 @@ impl Registry {
         min_valid: Duration,
     ) -> Result<TokenSet, RegistryError> {
         let client = self.known(name)?;
-        let cfg = client.config();
-        {
-            let st = client.state();
-            if servable(&st, &cfg)
-                && let Some(t) = &st.token
-                && t.valid_for(now_ms(), min_valid)
-            {
-                return Ok(t.clone());
-            }
+        if let Some(t) = client.ready_token(min_valid) {
+            return Ok(t);
         }
         match self.refresh(&client, Trigger::Demand(min_valid)).await {
             // The consumer (a mail client) shows this error to the user: say where to go.

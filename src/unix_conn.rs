@@ -2,70 +2,98 @@
 //! long as it does not block.
 //!
 //! Most socket clients (the CLI, `curl --unix-socket`, a mail client's `passwordeval`) connect,
-//! write one request at once and read one answer. By the time the daemon accepts, the request is
-//! usually there: reading it, writing the answer and closing takes three system calls. Going
-//! through the reactor as a plain `tokio::net::UnixStream` does would add an `epoll_ctl` to
-//! register, one to deregister, and an explicit `shutdown`: on a machine where a system call
-//! costs microseconds, that is a third of the time of a request. So a connection starts "raw"
-//! (a non-blocking socket read and written directly) and registers with the reactor only the
-//! first time a read or write would block: a slow or idle client is then waited for like any
-//! other, without holding a thread.
+//! write one request at once and read one answer. Connections are accepted by blocking threads,
+//! as the simplest server would: a wake-up through the reactor costs an `epoll_wait` and a
+//! hand-over to a worker, on a machine where each system call costs microseconds. A connection
+//! then starts "raw" (a non-blocking socket read and written directly) and registers with the
+//! reactor only the first time a read or write would block: registering costs an `epoll_ctl`
+//! each way, a third of the time of a whole request. A slow or idle client is then waited for
+//! like any other, without holding a thread.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener as StdListener, UnixStream as StdStream};
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// A listening socket that accepts connections as `Conn`s.
+/// A listening socket whose `accept` blocks; shared by the accepting threads.
 pub struct Listener {
-    fd: AsyncFd<StdListener>,
+    socket: StdListener,
 }
 
 impl Listener {
-    /// Takes a bound, non-blocking listener (in the runtime: it registers with the reactor).
-    pub fn new(listener: StdListener) -> io::Result<Listener> {
-        // SAFETY: the AsyncFd owns the listener, whose descriptor stays open and the same
-        // until the AsyncFd is dropped.
-        let fd =
-            unsafe { AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE) }
-                .map_err(|e| e.into_parts().1)?;
-        Ok(Listener { fd })
+    /// Takes a bound listener and makes it blocking.
+    pub fn new(socket: StdListener) -> io::Result<Listener> {
+        socket.set_nonblocking(false)?;
+        Ok(Listener { socket })
     }
 
-    /// The next connection, non-blocking and close-on-exec, with its peer's uid and gid.
-    pub async fn accept(&self) -> io::Result<(Conn, io::Result<(u32, u32)>)> {
-        loop {
-            let mut ready = self.fd.readable().await?;
-            let accepted = ready.try_io(|listener| {
-                use nix::sys::socket::{SockFlag, accept4};
-                accept4(
-                    listener.get_ref().as_raw_fd(),
-                    SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-                )
-                .map_err(io::Error::from)
-            });
-            let fd = match accepted {
-                Ok(Ok(fd)) => fd,
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
-            };
-            // SAFETY: accept4 just returned this descriptor; nothing else owns it.
-            let stream = StdStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
-            let peer =
-                nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
-                    .map(|c| (c.uid(), c.gid()))
-                    .map_err(io::Error::from);
-            return Ok((Conn::new(stream), peer));
+    /// Waits for the next connection: non-blocking and close-on-exec, with its peer's uid and
+    /// gid. Fails once `wake_all` has been called.
+    pub fn accept(&self) -> io::Result<(StdStream, io::Result<(u32, u32)>)> {
+        use nix::sys::socket::{SockFlag, accept4};
+        let fd = loop {
+            match accept4(
+                self.socket.as_raw_fd(),
+                SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            ) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                done => break done.map_err(io::Error::from)?,
+            }
+        };
+        // SAFETY: accept4 just returned this descriptor; nothing else owns it.
+        let stream = StdStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let peer =
+            nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+                .map(|c| (c.uid(), c.gid()))
+                .map_err(io::Error::from);
+        Ok((stream, peer))
+    }
+
+    /// Ends every `accept`, waiting or to come, with an error: Linux wakes the threads blocked
+    /// on a listening socket that is shut down. Connections not yet accepted are refused.
+    pub fn wake_all(&self) -> io::Result<()> {
+        nix::sys::socket::shutdown(self.socket.as_raw_fd(), nix::sys::socket::Shutdown::Both)
+            .map_err(io::Error::from)
+    }
+}
+
+/// Reads the request a client just connected to send: at once if it is there, else after
+/// waiting `FIRST_BYTES_WAIT` at most. Returns what was read (empty if nothing came).
+pub fn read_first(stream: &mut StdStream, buf: &mut Vec<u8>) -> io::Result<()> {
+    let mut waited = false;
+    buf.resize(FIRST_READ, 0);
+    loop {
+        match stream.read(buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(());
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && !waited => {
+                wait_readable(stream, FIRST_BYTES_WAIT);
+                waited = true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                buf.clear();
+                return Ok(());
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                buf.clear();
+                return Err(e);
+            }
         }
     }
 }
 
+/// Room for a first read: a request head from a script or the CLI is a few hundred bytes.
+const FIRST_READ: usize = 4096;
+
 /// One accepted connection: raw until it would block, then registered with the reactor.
 pub struct Conn {
+    /// Bytes read before the connection became a `Conn`, handed out first.
+    read_before: Vec<u8>,
     raw: Option<StdStream>,
     registered: Option<tokio::net::UnixStream>,
     /// Nothing has been read yet: the request may still be on its way from a client that
@@ -81,13 +109,32 @@ pub struct Conn {
 const FIRST_BYTES_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
 
 impl Conn {
-    fn new(stream: StdStream) -> Conn {
+    /// A connection nothing has been read from yet.
+    pub fn new(stream: StdStream) -> Conn {
         Conn {
+            read_before: Vec::new(),
             raw: Some(stream),
             registered: None,
             fresh: true,
             read_all: false,
         }
+    }
+
+    /// A connection whose first bytes (`read_first`) were read already: they are read again
+    /// from here first, and an empty read means nothing came in the wait.
+    pub fn after_first_read(stream: StdStream, first: Vec<u8>) -> Conn {
+        Conn {
+            read_all: last_request(&first),
+            read_before: first,
+            raw: Some(stream),
+            registered: None,
+            fresh: false,
+        }
+    }
+
+    /// A connection whose requests so far were all read and answered.
+    pub fn answered(stream: StdStream) -> Conn {
+        Conn::after_first_read(stream, Vec::new())
     }
 
     /// The socket as the reactor knows it, registering it the first time.
@@ -155,6 +202,12 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.read_before.is_empty() {
+            let n = this.read_before.len().min(buf.remaining());
+            buf.put_slice(&this.read_before[..n]);
+            this.read_before.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
         let fresh = std::mem::take(&mut this.fresh);
         if fresh && let Some(stream) = &this.raw {
             // The daemon often accepts before the client has written. Registering with the

@@ -364,3 +364,91 @@ fn trickling_clients_are_cut_off_and_delay_nobody() {
     }
     assert_eq!(daemon.get("/v1/health").unwrap().0, 200);
 }
+
+/// Headers and JSON body of one HTTP answer; the `date` header and the token's remaining
+/// seconds change from one answer to the next and are left out.
+fn token_answer(answer: &str) -> (String, Vec<String>, serde_json::Value) {
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a whole answer");
+    let mut lines = head.lines();
+    let status = lines.next().unwrap_or_default().to_string();
+    let mut headers: Vec<String> = lines
+        .map(str::to_ascii_lowercase)
+        .filter(|h| !h.starts_with("date:"))
+        .collect();
+    headers.sort();
+    let mut json: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+    json.as_object_mut()
+        .expect("an object")
+        .remove("expires_in");
+    (status, headers, json)
+}
+
+/// A ready token is answered on the thread that accepts (`fast_path`); what a client reads is
+/// what the full HTTP server answers (reached here by percent-encoding the name), and a
+/// connection kept alive after it goes on to the full server.
+#[test]
+fn a_ready_token_reads_the_same_from_either_server() {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime.block_on(MockServer::start());
+    runtime.block_on(
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "access_token": "ready-token", "token_type": "bearer", "expires_in": 3600,
+                "scope": "read write", "id_token_hint": "kept as extra"
+            })))
+            .mount(&server),
+    );
+    let clients = format!(
+        "  cc:\n    grant: client_credentials\n    provider: {{token_url: \"{}/token\"}}\n    client_id: cc\n    client_secret: s\n",
+        server.uri()
+    );
+    let daemon = Daemon::start("", &clients);
+    wait_for("the first token", Duration::from_secs(10), || {
+        daemon.status_of("cc") == "valid"
+    });
+
+    let ask = |target: &str, min_valid: &str| {
+        token_answer(&raw(
+            &daemon,
+            format!("GET {target}{min_valid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        ))
+    };
+    for min_valid in ["", "?min_valid=60"] {
+        let fast = ask("/v1/clients/cc/token", min_valid);
+        let full = ask("/v1/clients/%63c/token", min_valid);
+        assert_eq!(fast, full);
+        assert_eq!(fast.0, "HTTP/1.1 200 OK");
+        assert_eq!(fast.2["access_token"], "ready-token");
+        assert_eq!(fast.2["token_type"], "Bearer");
+        assert!(fast.1.contains(&"cache-control: no-store".to_string()));
+    }
+    // Longer than the token lives: the full server refreshes, here with the same answer again.
+    let long = ask("/v1/clients/cc/token", "?min_valid=2h");
+    assert_eq!(long.0, "HTTP/1.1 200 OK", "{long:?}");
+
+    // Kept alive: the next request on the connection is served too.
+    let mut s = UnixStream::connect(&daemon.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /v1/clients/cc/token HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut first = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&first).contains("ready-token") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&first));
+        first.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        !String::from_utf8_lossy(&first).contains("connection: close"),
+        "{}",
+        String::from_utf8_lossy(&first)
+    );
+    s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut second = String::new();
+    s.read_to_string(&mut second).unwrap();
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+}
