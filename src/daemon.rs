@@ -32,14 +32,20 @@ pub enum DaemonError {
 
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
 pub fn run(config_file: &Path) -> Result<(), DaemonError> {
+    let begun = std::time::Instant::now();
     let config = Arc::new(config::load(config_file)?);
     init_logging(&config);
+    tracing::debug!(
+        "configuration of {} clients read in {} ms",
+        config.clients.len(),
+        begun.elapsed().as_millis()
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("oauth2mci")
         .build()
         .map_err(|e| DaemonError::Start(format!("cannot start the async runtime: {e}")))?;
-    let result = runtime.block_on(serve(config));
+    let result = runtime.block_on(serve(config, begun));
     // Hooks still running after the grace period are not worth waiting for.
     runtime.shutdown_timeout(Duration::from_secs(2));
     result
@@ -78,7 +84,7 @@ fn init_logging(config: &Config) {
     let _ = result;
 }
 
-async fn serve(config: Arc<Config>) -> Result<(), DaemonError> {
+async fn serve(config: Arc<Config>, begun: std::time::Instant) -> Result<(), DaemonError> {
     let start = |e: String| DaemonError::Start(e);
     let _lock = lock_state_dir(&config.paths.state_dir).map_err(start)?;
     let (store, writer) = Store::open(&config.paths.database(), Sealer::new(&config.encryption))
@@ -109,8 +115,9 @@ async fn serve(config: Arc<Config>) -> Result<(), DaemonError> {
         config = %config.file.display(),
         socket = %config.paths.socket.display(),
         clients = config.clients.len(),
-        "oauth2mci {} ready",
-        env!("CARGO_PKG_VERSION")
+        "oauth2mci {} ready in {} ms",
+        env!("CARGO_PKG_VERSION"),
+        begun.elapsed().as_millis()
     );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let watchdog = tokio::spawn(watchdog(shutdown.clone()));

@@ -354,9 +354,11 @@ impl Registry {
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) -> Result<Arc<Registry>, String> {
+        let begun = std::time::Instant::now();
         let engine = Engine::new(config.limits.request_timeout)?;
         let stored = store.load().map_err(|e| e.to_string())?;
         let pending = store.pending().map_err(|e| e.to_string())?;
+        let loaded = begun.elapsed();
         let (fire_tx, mut fire_rx) = tokio::sync::mpsc::unbounded_channel::<Arc<str>>();
         let (clock_tx, mut clock_rx) = tokio::sync::mpsc::unbounded_channel::<ClockEvent>();
         let clock_shift = Arc::new(AtomicI64::new(0));
@@ -394,6 +396,11 @@ impl Registry {
         });
         registry.restore(&config, stored);
         registry.resume_authorizations(pending);
+        tracing::debug!(
+            "state read in {} ms, clients restored and scheduled in {} ms",
+            loaded.as_millis(),
+            (begun.elapsed() - loaded).as_millis()
+        );
         let follower = registry.clone();
         tasks.spawn(async move {
             while let Some(event) = clock_rx.recv().await {
@@ -590,10 +597,12 @@ impl Registry {
     /// Reads the configuration file again and applies it; a bad file changes nothing.
     pub async fn reload(self: &Arc<Self>) -> Result<Vec<String>, String> {
         let _one_at_a_time = self.reload_lock.lock().await;
-        let file = self.config().file.clone();
-        let loaded = tokio::task::spawn_blocking(move || crate::config::load(&file))
-            .await
-            .map_err(|e| format!("the config loader failed: {e}"))?;
+        let previous = self.config();
+        let loaded = tokio::task::spawn_blocking(move || {
+            crate::config::reload(&previous.file.clone(), &previous)
+        })
+        .await
+        .map_err(|e| format!("the config loader failed: {e}"))?;
         match loaded {
             Ok(new) => {
                 let changes = self.apply(Arc::new(new)).await;
@@ -653,16 +662,16 @@ impl Registry {
         }
         let mut added = Vec::new();
         let mut rewrite_sinks = Vec::new();
-        let mut stored_rows: Option<Vec<Stored>> = None;
+        let mut stored_rows: Option<HashMap<String, Stored>> = None;
         for (name, cfg) in &new.clients {
             let Some(client) = self.client(name) else {
                 // A client seen before comes back with what the store kept; the store is read
                 // once per reload, not once per added client.
-                let rows = stored_rows.get_or_insert_with(|| self.store.load().unwrap_or_default());
-                let stored = rows
-                    .iter()
-                    .position(|s| *s.row.name == **name)
-                    .map(|i| rows.swap_remove(i));
+                let rows = stored_rows.get_or_insert_with(|| {
+                    let rows = self.store.load().unwrap_or_default();
+                    rows.into_iter().map(|s| (s.row.name.clone(), s)).collect()
+                });
+                let stored = rows.remove(&**name);
                 let client = new_client(cfg.clone(), stored);
                 changes.push(format!("{name}: added"));
                 writes.push(Write::Client(client.state().row(name)));
@@ -671,7 +680,8 @@ impl Registry {
             };
             let old_cfg = client.config();
             let was_disabled = client.state().status == Status::Disabled;
-            if *old_cfg == **cfg && !was_disabled {
+            // A client whose text did not change is the very same value (`config::reload`).
+            if (Arc::ptr_eq(&old_cfg, cfg) || *old_cfg == **cfg) && !was_disabled {
                 continue;
             }
             *client.config.write().unwrap_or_else(|p| p.into_inner()) = cfg.clone();
@@ -2108,12 +2118,12 @@ impl Registry {
 }
 
 fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
-    let fingerprint = cfg.fingerprint();
     let mut st = ClientState {
         status: Status::Unauthorized,
         token: None,
         generation: 0,
-        fingerprint: fingerprint.clone(),
+        // The stored one, or this configuration's.
+        fingerprint: String::new(),
         reason: None,
         failures: 0,
         last_refresh_at: None,
@@ -2128,10 +2138,10 @@ fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
         interrupted_at: None,
     };
     if let Some(s) = stored {
+        st.fingerprint = s.row.fingerprint;
         st.warned_for = s.row.warned_for;
         st.refresh_started_at = s.row.refresh_started_at;
         st.interrupted_at = s.row.refresh_started_at;
-        st.fingerprint = s.row.fingerprint;
         st.reason = s.row.reason;
         st.failures = s.row.failures;
         st.last_refresh_at = s.row.last_refresh_at;
@@ -2145,9 +2155,9 @@ fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
             st.generation = generation;
         }
         st.status = restored_status(&st, &cfg);
-        if st.token.is_some() && st.fingerprint != fingerprint && cfg.grant.unattended() {
+        if st.token.is_some() && !cfg.has_fingerprint(&st.fingerprint) && cfg.grant.unattended() {
             st.status = Status::Unauthorized;
-        } else if st.token.is_some() && st.fingerprint != fingerprint {
+        } else if st.token.is_some() && !cfg.has_fingerprint(&st.fingerprint) {
             st.status = Status::NeedsReauth;
             st.reason = Some(IDENTITY_CHANGED.into());
         } else if st.token.is_some() && st.reason.as_deref() == Some(IDENTITY_CHANGED) {
@@ -2155,6 +2165,8 @@ fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
             st.status = Status::Valid;
             st.reason = None;
         }
+    } else {
+        st.fingerprint = cfg.fingerprint();
     }
     Arc::new(Client {
         name: cfg.name.clone(),
@@ -2182,7 +2194,7 @@ fn restored_status(st: &ClientState, cfg: &ClientConfig) -> Status {
 /// Whether the daemon may hand out the client's current token.
 fn servable(st: &ClientState, cfg: &ClientConfig) -> bool {
     st.token.is_some()
-        && st.fingerprint == cfg.fingerprint()
+        && cfg.has_fingerprint(&st.fingerprint)
         && !matches!(st.status, Status::Revoked | Status::Disabled)
         && (st.status != Status::NeedsReauth || cfg.grant.unattended())
 }

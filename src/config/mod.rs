@@ -7,6 +7,7 @@
 //! effects besides reading the config and secret files (and running secret commands): applying a
 //! config is `registry`'s job.
 
+mod blocks;
 pub mod locate;
 pub mod values;
 
@@ -64,6 +65,22 @@ pub struct Config {
     /// Keys for encryption at rest of the tokens in the store; empty: stored in the clear.
     pub encryption: crate::seal::Keys,
     pub clients: BTreeMap<Arc<str>, Arc<ClientConfig>>,
+    /// The text of every setting but the clients: a reload keeps the clients whose own text
+    /// did not change either.
+    pub source: SourceText,
+}
+
+/// A hash of the text a part of the configuration was read from, for a reload to keep what
+/// reads the same instead of reading it again; `None`: read it again. It is not a setting, so
+/// two values always compare equal: a client whose text changed but reads the same (a comment,
+/// a key moved) has not changed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SourceText(Option<u64>);
+
+impl PartialEq for SourceText {
+    fn eq(&self, _: &SourceText) -> bool {
+        true
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -293,6 +310,11 @@ pub struct ClientConfig {
     pub auto_authorize: bool,
     /// Refresh hooks get the access token in `OAUTH2MCI_ACCESS_TOKEN`.
     pub notify_token: bool,
+    /// `fingerprint`'s bytes.
+    identity: [u8; 8],
+    /// The client's block of text, when a reload may keep it (no secret or group read from
+    /// outside the file, which may have changed meanwhile).
+    pub source: SourceText,
 }
 
 impl ClientConfig {
@@ -329,6 +351,17 @@ impl ClientConfig {
     /// fingerprint are stale: a changed client id, token endpoint, scope set or grant needs a
     /// new authorization.
     pub fn fingerprint(&self) -> String {
+        hex::encode(self.identity)
+    }
+
+    /// Whether `fingerprint` is this client's (checked for every token served: no allocation).
+    pub fn has_fingerprint(&self, fingerprint: &str) -> bool {
+        let mut own = [0u8; 16];
+        hex::encode_to_slice(self.identity, &mut own).is_ok() && own == fingerprint.as_bytes()
+    }
+
+    /// The hash behind `fingerprint`, computed once when the client is resolved.
+    fn identity_hash(&self) -> [u8; 8] {
         let mut scopes = self.scopes.clone();
         scopes.sort();
         let mut h = Sha256::new();
@@ -351,12 +384,14 @@ impl ClientConfig {
             h.update(subject.as_bytes());
         }
         h.update(format!("{:?}", self.grant).as_bytes());
-        hex::encode(&h.finalize()[..8])
+        let mut identity = [0u8; 8];
+        identity.copy_from_slice(&h.finalize()[..8]);
+        identity
     }
 
     /// Whether a change from `old` to `self` leaves existing tokens usable.
     pub fn same_identity(&self, old: &ClientConfig) -> bool {
-        self.fingerprint() == old.fingerprint()
+        self.identity == old.identity
     }
 }
 
@@ -581,6 +616,18 @@ struct RawClient {
     realm: Option<NonEmpty>,
 }
 
+impl RawClient {
+    /// Whether the client reads the same for as long as its text does: nothing in it comes
+    /// from outside the file (a secret file, a command, a group's id).
+    fn keepable(&self) -> bool {
+        let inline = |s: &Option<SecretSource>| matches!(s, None | Some(SecretSource::Inline(_)));
+        inline(&self.client_secret)
+            && inline(&self.private_key)
+            && inline(&self.service_account_key)
+            && self.sinks.iter().all(|s| s.group.is_none())
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSink {
@@ -703,6 +750,18 @@ impl<'de> Deserialize<'de> for ClientMap {
 
 /// Reads, validates and resolves the config at `file`.
 pub fn load(file: &Path) -> Result<Config, ConfigError> {
+    let (src, file) = read(file)?;
+    parse_reusing(&src, &file, None)
+}
+
+/// Reads the config at `file` again, keeping from `previous` every client whose text and
+/// settings around it are unchanged: with many clients, a reload costs what changed.
+pub fn reload(file: &Path, previous: &Config) -> Result<Config, ConfigError> {
+    let (src, file) = read(file)?;
+    parse_reusing(&src, &file, Some(previous))
+}
+
+fn read(file: &Path) -> Result<(String, PathBuf), ConfigError> {
     let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
     let bytes = std::fs::read(&file).map_err(|e| ConfigError {
         file: file.clone(),
@@ -723,7 +782,108 @@ pub fn load(file: &Path) -> Result<Config, ConfigError> {
             message: "the file is not valid UTF-8 here".into(),
         }
     })?;
-    parse(&src, &file)
+    Ok((src, file))
+}
+
+/// `parse`, through the client blocks when the file has the plain layout.
+fn parse_reusing(src: &str, file: &Path, previous: Option<&Config>) -> Result<Config, ConfigError> {
+    match by_blocks(src, file, previous) {
+        Some(config) => Ok(config),
+        // Whatever the blocks could not settle (another layout, or an error anywhere), the
+        // whole document settles, and says where an error is.
+        None => parse(src, file),
+    }
+}
+
+/// Clients parsed together: enough to make the parser's set-up cost nothing, few enough that
+/// the YAML events held at once stay small.
+const CHUNK: usize = 2000;
+
+/// The configuration read through its client blocks (`blocks`): the settings around the
+/// clients first, then the clients `previous` holds with the same text are kept, and the others
+/// are parsed and resolved in chunks, on as many threads as there are cores. `None` on any
+/// error or surprise.
+fn by_blocks(src: &str, file: &Path, previous: Option<&Config>) -> Option<Config> {
+    let split = blocks::split(src)?;
+    let raw: RawConfig = serde_yaml::from_str(&split.outside).ok()?;
+    let resolver = Resolver::new(src, file);
+    let (mut config, global_refresh, clients) = resolver.settings(raw).ok()?;
+    if !clients.0.is_empty() {
+        return None;
+    }
+    config.source = SourceText(Some(blocks::hash(&split.outside)));
+    let keep_from = previous.filter(|p| p.source.0.is_some() && p.source.0 == config.source.0);
+    let mut slots: Vec<Option<Arc<ClientConfig>>> = split
+        .blocks
+        .iter()
+        .map(|b| {
+            let kept = keep_from?.clients.get(b.name?)?;
+            (kept.source.0 == Some(b.hash)).then(|| kept.clone())
+        })
+        .collect();
+    let to_read: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_none()).collect();
+    let chunks: Vec<&[usize]> = to_read.chunks(CHUNK).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let read_chunks = || {
+        let resolver = Resolver::new(src, file);
+        let mut done = Vec::new();
+        loop {
+            let at = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(chunk) = chunks.get(at) else {
+                return Some(done);
+            };
+            let text: String = chunk.iter().map(|&i| split.blocks[i].text).collect();
+            let parsed: ClientMap = serde_yaml::from_str(&text).ok()?;
+            if parsed.0.len() != chunk.len() {
+                return None;
+            }
+            for ((name, rc), &i) in parsed.0.into_iter().zip(chunk.iter()) {
+                let block = &split.blocks[i];
+                if block.name.is_some_and(|n| n != name) {
+                    return None;
+                }
+                let keepable = rc.keepable();
+                let mut client = resolver
+                    .client(&name, rc, &global_refresh, &config.paths)
+                    .ok()?;
+                client.source = SourceText(keepable.then_some(block.hash));
+                done.push((i, Arc::new(client)));
+            }
+        }
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get().min(4))
+        .min(chunks.len());
+    // For each thread, the clients it read with their place in the file.
+    type Read = Option<Vec<(usize, Arc<ClientConfig>)>>;
+    let read: Vec<Read> = if threads <= 1 {
+        vec![read_chunks()]
+    } else {
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads).map(|_| scope.spawn(read_chunks)).collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().ok().flatten())
+                .collect()
+        })
+    };
+    for (i, client) in read
+        .into_iter()
+        .collect::<Option<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+    {
+        slots[i] = Some(client);
+    }
+    let mut sinks = SinkOwners::default();
+    for client in slots {
+        let client = client?;
+        sinks.claim(&resolver, &client).ok()?;
+        if config.clients.insert(client.name.clone(), client).is_some() {
+            return None;
+        }
+    }
+    Some(config)
 }
 
 /// Validates and resolves `src`, read from `file` (which anchors relative paths).
@@ -736,15 +896,38 @@ pub fn parse(src: &str, file: &Path) -> Result<Config, ConfigError> {
         });
     }
     let raw: RawConfig = serde_yaml::from_str(src).map_err(|e| from_yaml_error(file, &e))?;
-    Resolver {
-        src,
-        file,
-        dir: file.parent().unwrap_or(Path::new("/")),
-        profiles: Default::default(),
-        endpoints: Default::default(),
-        refresh_policies: Default::default(),
+    let resolver = Resolver::new(src, file);
+    let (mut config, global_refresh, clients) = resolver.settings(raw)?;
+    let mut sinks = SinkOwners::default();
+    for (name, rc) in clients.0 {
+        let client = resolver.client(&name, rc, &global_refresh, &config.paths)?;
+        sinks.claim(&resolver, &client)?;
+        config.clients.insert(client.name.clone(), Arc::new(client));
     }
-    .config(raw)
+    Ok(config)
+}
+
+/// Which client writes each sink path: two may not write the same file.
+#[derive(Default)]
+struct SinkOwners(HashMap<PathBuf, (Arc<str>, usize)>);
+
+impl SinkOwners {
+    /// Claims `client`'s sinks; taken in file order, the error names the later client.
+    fn claim(&mut self, resolver: &Resolver, client: &ClientConfig) -> Result<(), ConfigError> {
+        for (i, sink) in client.sinks.iter().enumerate() {
+            let owner = (client.name.clone(), i);
+            if let Some((other, j)) = self.0.insert(sink.path.clone(), owner) {
+                return Err(resolver.error(
+                    &["clients", &client.name, "sinks", &i.to_string(), "path"],
+                    format!(
+                        "{} is already written by clients.{other}.sinks[{j}]",
+                        sink.path.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn from_yaml_error(file: &Path, e: &serde_yaml::Error) -> ConfigError {
@@ -884,7 +1067,18 @@ struct Resolver<'a> {
     refresh_policies: std::cell::RefCell<HashMap<PolicyKey, Arc<RefreshPolicy>>>,
 }
 
-impl Resolver<'_> {
+impl<'a> Resolver<'a> {
+    fn new(src: &'a str, file: &'a Path) -> Resolver<'a> {
+        Resolver {
+            src,
+            file,
+            dir: file.parent().unwrap_or(Path::new("/")),
+            profiles: Default::default(),
+            endpoints: Default::default(),
+            refresh_policies: Default::default(),
+        }
+    }
+
     fn error(&self, path: &[&str], message: impl Into<String>) -> ConfigError {
         // A value that is missing from the file (an omitted provider) is reported at its parent.
         let position = (1..=path.len())
@@ -929,7 +1123,9 @@ impl Resolver<'_> {
         }
     }
 
-    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+    /// Every setting but the clients, which come back unresolved with the global refresh
+    /// policy they merge with.
+    fn settings(&self, raw: RawConfig) -> Result<(Config, RawRefresh, ClientMap), ConfigError> {
         let state_dir = raw
             .paths
             .state
@@ -1028,30 +1224,10 @@ impl Resolver<'_> {
         if limits.request_timeout < Duration::from_secs(1) {
             return Err(self.error(&["limits", "request_timeout"], "must be at least 1s"));
         }
-        let global_refresh = self.refresh(&RawRefresh::default(), &raw.refresh, &["refresh"])?;
-        let encryption = self.encryption(raw.encryption)?;
-
-        let mut clients = BTreeMap::new();
-        let mut sink_owner: HashMap<PathBuf, (String, usize)> = HashMap::new();
-        for (name, rc) in raw.clients.0 {
-            let client = self.client(&name, rc, &raw.refresh, &paths)?;
-            for (i, sink) in client.sinks.iter().enumerate() {
-                if let Some((other, j)) = sink_owner.insert(sink.path.clone(), (name.clone(), i)) {
-                    return Err(self.error(
-                        &["clients", &name, "sinks", &i.to_string(), "path"],
-                        format!(
-                            "{} is already written by clients.{other}.sinks[{j}]",
-                            sink.path.display()
-                        ),
-                    ));
-                }
-            }
-            clients.insert(client.name.clone(), Arc::new(client));
-        }
         // The global policy is checked for its own errors; clients carry their merged copy.
-        let _ = global_refresh;
-
-        Ok(Config {
+        self.refresh(&RawRefresh::default(), &raw.refresh, &["refresh"])?;
+        let encryption = self.encryption(raw.encryption)?;
+        let config = Config {
             file: self.file.to_path_buf(),
             paths,
             socket: socket_access,
@@ -1060,8 +1236,10 @@ impl Resolver<'_> {
             history,
             limits,
             encryption,
-            clients,
-        })
+            clients: BTreeMap::new(),
+            source: SourceText::default(),
+        };
+        Ok((config, raw.refresh, raw.clients))
     }
 
     fn encryption(&self, raw: RawEncryption) -> Result<crate::seal::Keys, ConfigError> {
@@ -1459,7 +1637,7 @@ impl Resolver<'_> {
 
         // serde reserves room for four; the list lives as long as the configuration.
         scopes.shrink_to_fit();
-        Ok(ClientConfig {
+        let mut client = ClientConfig {
             name: name.into(),
             provider: provider_label,
             profile,
@@ -1486,7 +1664,11 @@ impl Resolver<'_> {
             cron: rc.cron,
             auto_authorize: rc.auto_authorize.unwrap_or(true),
             notify_token: rc.notify_token.unwrap_or(false),
-        })
+            identity: [0; 8],
+            source: SourceText::default(),
+        };
+        client.identity = client.identity_hash();
+        Ok(client)
     }
 
     /// `endpoints`, or the same ones another client already holds.

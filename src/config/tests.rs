@@ -20,8 +20,9 @@ clients:
       - { path: /tmp/x.json, format: json, mode: "0640" }
 "#;
 
+/// As the daemon reads a file: through the client blocks, or the whole document.
 fn parse_at(src: &str) -> Result<Config, ConfigError> {
-    parse(src, Path::new("/etc/o/config.yaml"))
+    parse_reusing(src, Path::new("/etc/o/config.yaml"), None)
 }
 
 /// Each config is refused at `line:column` with a message holding the fragment.
@@ -296,4 +297,114 @@ clients:
     assert_ne!(cc.endpoints.token, d.endpoints.token);
     assert!(Arc::ptr_eq(&a.refresh, &b.refresh) && !Arc::ptr_eq(&a.refresh, &e.refresh));
     assert!(Arc::ptr_eq(&a.name, c.clients.keys().next().expect("a")));
+}
+
+/// Many clients in the plain layout, with a few odd ones: a quoted name, comments, a block
+/// scalar, flow and block styles, per-client policies and sinks.
+fn many_clients(n: usize, jitter: u32) -> String {
+    let mut src = format!(
+        "paths: {{state: state, runtime: run}}\nrefresh:\n  jitter: {jitter}%\nclients:\n  # the clients\n"
+    );
+    for i in 0..n {
+        match i % 4 {
+            0 => src.push_str(&format!(
+                "  c{i}: {{provider: {{authorize_url: \"http://127.0.0.1:9/a\", token_url: \"http://127.0.0.1:9/t\"}}, client_id: app{i}, scopes: [mail]}}\n"
+            )),
+            1 => src.push_str(&format!(
+                "  c{i}:\n    provider: google\n    client_id: app{i}\n    client_secret: |\n      s{i}\n\n    refresh: {{jitter: 1%}}\n"
+            )),
+            2 => src.push_str(&format!(
+                "  \"c{i}\":\n    # a comment\n    provider: microsoft\n    tenant: t{i}\n    client_id: app{i}\n    sinks:\n      - {{path: tokens/c{i}, format: raw}}\n"
+            )),
+            _ => src.push_str(&format!(
+                "  c{i}:\n    grant: client_credentials\n    provider: {{token_url: \"http://127.0.0.1:9/t\"}}\n    client_id: app{i}\n    client_secret: s\n"
+            )),
+        }
+    }
+    src.push_str("limits:\n  request_timeout: 5s\n");
+    src
+}
+
+#[test]
+fn client_blocks_read_the_same_as_the_whole_document() {
+    let file = Path::new("/etc/o/config.yaml");
+    // Past one chunk, so that several threads share the work.
+    for src in [GOOD.to_string(), many_clients(5000, 5)] {
+        let whole = parse(&src, file).expect("valid");
+        let by_blocks = by_blocks(&src, file, None).expect("the plain layout");
+        assert_eq!(by_blocks, whole);
+        assert!(by_blocks.source.0.is_some());
+    }
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.yaml"))
+            .expect("the example config");
+    assert_eq!(
+        by_blocks(&example, file, None).expect("the plain layout"),
+        parse(&example, file).expect("valid")
+    );
+}
+
+#[test]
+fn a_reload_keeps_the_clients_whose_text_did_not_change() {
+    let file = Path::new("/etc/o/config.yaml");
+    let src = many_clients(8, 5);
+    let before = parse_reusing(&src, file, None).expect("valid");
+    let edited = src.replace("client_id: app5\n", "client_id: app5-new\n");
+    let after = parse_reusing(&edited, file, Some(&before)).expect("valid");
+    assert_eq!(after, parse(&edited, file).expect("valid"));
+    for (name, client) in &after.clients {
+        let kept = Arc::ptr_eq(client, &before.clients[name]);
+        assert_eq!(kept, &**name != "c5", "{name}");
+    }
+    // A setting around the clients may change any of them: none is kept.
+    let around = src.replace("jitter: 5%", "jitter: 6%");
+    let after = parse_reusing(&around, file, Some(&before)).expect("valid");
+    assert!(
+        after
+            .clients
+            .iter()
+            .all(|(n, c)| !Arc::ptr_eq(c, &before.clients[n]))
+    );
+    // A secret read from a file may have changed since: read again every time.
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "one").expect("secret written");
+    let src = format!(
+        "clients:\n  a:\n    provider: google\n    client_id: x\n    client_secret: {{file: {}}}\n  b:\n    provider: google\n    client_id: y\n",
+        secret.display()
+    );
+    let before = parse_reusing(&src, file, None).expect("valid");
+    std::fs::write(&secret, "two").expect("secret rewritten");
+    let after = parse_reusing(&src, file, Some(&before)).expect("valid");
+    assert_eq!(
+        after.clients["a"]
+            .client_secret
+            .as_ref()
+            .map(|s| s.expose().to_string()),
+        Some("two".to_string())
+    );
+    assert!(Arc::ptr_eq(&after.clients["b"], &before.clients["b"]));
+}
+
+#[test]
+fn an_error_in_a_block_is_placed_in_the_whole_file() {
+    let mut src = many_clients(3000, 5);
+    src = src.replace(
+        "  c2001:\n    provider: google\n",
+        "  c2001:\n    provider: google\n    scopez: [x]\n",
+    );
+    let line = src
+        .lines()
+        .position(|l| l.contains("scopez"))
+        .expect("the typo")
+        + 1;
+    let shown = parse_at(&src).expect_err("refused").to_string();
+    assert!(
+        shown.starts_with(&format!("/etc/o/config.yaml:{line}:5: ")) && shown.contains("scopez"),
+        "{shown}"
+    );
+    // A name given twice in two chunks is found too.
+    let twice = many_clients(3000, 5).replace("  c2999:", "  c3:");
+    let shown = parse_at(&twice).expect_err("refused").to_string();
+    assert!(shown.contains("client \"c3\" is defined twice"), "{shown}");
 }
