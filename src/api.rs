@@ -158,7 +158,7 @@ async fn health(State(r): State<Arc<Registry>>) -> Json<Health> {
         }
         .into(),
         version: env!("CARGO_PKG_VERSION").into(),
-        clients: r.list().len(),
+        clients: r.count(),
         config: r.config().file.display().to_string(),
     })
 }
@@ -193,7 +193,7 @@ async fn token(
 pub fn token_reply(t: &TokenSet, now: i64) -> TokenReply {
     TokenReply {
         access_token: t.access_token.expose().to_string(),
-        token_type: t.token_type.clone(),
+        token_type: t.token_type.to_string(),
         expires_at: t.expires_at,
         expires_in: t.remaining(now).map(|ms| ms.div_euclid(1000)),
         scope: t.scope.clone(),

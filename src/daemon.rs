@@ -33,6 +33,7 @@ pub enum DaemonError {
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
 pub fn run(config_file: &Path) -> Result<(), DaemonError> {
     let begun = std::time::Instant::now();
+    crate::heap::one_arena();
     let config = Arc::new(config::load(config_file)?);
     init_logging(&config);
     tracing::debug!(
@@ -120,6 +121,7 @@ async fn serve(config: Arc<Config>, begun: std::time::Instant) -> Result<(), Dae
         begun.elapsed().as_millis()
     );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    crate::heap::release_free_pages();
     let watchdog = tokio::spawn(watchdog(shutdown.clone()));
 
     shutdown.cancelled().await;
@@ -191,6 +193,7 @@ fn signal_handler(registry: Arc<Registry>) -> Result<signal_hook_tokio::Handle, 
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
                 let _ = registry.reload().await;
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                crate::heap::release_free_pages();
             } else {
                 registry.shutdown.cancel();
                 return;

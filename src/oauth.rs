@@ -1039,8 +1039,8 @@ fn token_from_fields(
     };
     // Slack says `bot` or `user`: not HTTP schemes, and its tokens are sent as Bearer.
     let token_type = match text("token_type") {
-        Some(t) if ["dpop", "mac", "pop"].contains(&t.to_ascii_lowercase().as_str()) => t,
-        _ => "Bearer".to_string(),
+        Some(t) if ["dpop", "mac", "pop"].contains(&t.to_ascii_lowercase().as_str()) => t.into(),
+        _ => "Bearer".into(),
     };
     let mut expires_at = None;
     for field in &profile.expiry {

@@ -208,12 +208,17 @@ pub struct Client {
     config: RwLock<Arc<ClientConfig>>,
     state: Mutex<ClientState>,
     flight: tokio::sync::Mutex<()>,
-    /// Made when first needed: a channel is about 230 bytes, and most clients are never
-    /// authorized through the daemon after the first time.
-    authorization: std::sync::OnceLock<watch::Sender<Option<AuthorizationOutcome>>>,
+    /// Made when first needed: most clients are never authorized through the daemon after
+    /// the first time.
+    authorization: std::sync::OnceLock<Box<Authorizing>>,
     /// The authorization waiting for the user, and how to stop its device polling.
     /// Boxed: 160 bytes that most clients never use.
     pending: Mutex<Option<Box<(AuthorizeReply, CancellationToken)>>>,
+}
+
+/// What a client needs while it is being authorized, about 300 bytes.
+struct Authorizing {
+    outcome: watch::Sender<Option<AuthorizationOutcome>>,
     /// Authorizations of this client start one at a time, so that one started for the user
     /// (a notice, `token`) and one the user asked for never replace each other half-way.
     starting: tokio::sync::Mutex<()>,
@@ -242,11 +247,16 @@ impl Client {
     }
 
     fn set_outcome(&self, outcome: AuthorizationOutcome) {
-        self.authorization().send_replace(Some(outcome));
+        self.authorization().outcome.send_replace(Some(outcome));
     }
 
-    fn authorization(&self) -> &watch::Sender<Option<AuthorizationOutcome>> {
-        self.authorization.get_or_init(|| watch::Sender::new(None))
+    fn authorization(&self) -> &Authorizing {
+        self.authorization.get_or_init(|| {
+            Box::new(Authorizing {
+                outcome: watch::Sender::new(None),
+                starting: tokio::sync::Mutex::new(()),
+            })
+        })
     }
 
     fn pending(&self) -> MutexGuard<'_, Option<Box<(AuthorizeReply, CancellationToken)>>> {
@@ -606,6 +616,7 @@ impl Registry {
         match loaded {
             Ok(new) => {
                 let changes = self.apply(Arc::new(new)).await;
+                crate::heap::release_free_pages();
                 self.counters.reloads.fetch_add(1, Ordering::Relaxed);
                 if changes.is_empty() {
                     tracing::info!("configuration reloaded: nothing changed");
@@ -1490,7 +1501,7 @@ impl Registry {
         asked: bool,
     ) -> Result<AuthorizeReply, RegistryError> {
         let client = self.known(name)?;
-        let _one_at_a_time = client.starting.lock().await;
+        let _one_at_a_time = client.authorization().starting.lock().await;
         let cfg = client.config();
         let now = now_ms();
         if !asked {
@@ -1921,7 +1932,7 @@ impl Registry {
         wait: Duration,
     ) -> Result<AuthorizationOutcome, RegistryError> {
         let client = self.known(name)?;
-        let mut rx = client.authorization().subscribe();
+        let mut rx = client.authorization().outcome.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let current = rx.borrow_and_update().clone();
@@ -2112,6 +2123,12 @@ impl Registry {
         self.all().iter().map(|c| info(c)).collect()
     }
 
+    /// As many clients as `list` gives, without building the list: health checks come often,
+    /// and with 100,000 clients the list is tens of megabytes.
+    pub fn count(&self) -> usize {
+        self.clients.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -2175,7 +2192,6 @@ fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
         flight: tokio::sync::Mutex::new(()),
         authorization: std::sync::OnceLock::new(),
         pending: Mutex::new(None),
-        starting: tokio::sync::Mutex::new(()),
     })
 }
 
@@ -2272,7 +2288,7 @@ fn info(c: &Client) -> ClientInfo {
         next_refresh_at: st.next_refresh_at,
         last_error: st.last_error.clone(),
         failures: st.failures,
-        scopes: cfg.scopes.clone(),
+        scopes: cfg.scopes.to_vec(),
         sinks: cfg
             .sinks
             .iter()

@@ -654,7 +654,7 @@ fn load_all(conn: &Connection, sealer: &Sealer) -> rusqlite::Result<Vec<Stored>>
             Some(access_token) => Some((
                 TokenSet {
                     access_token,
-                    token_type: r.get(10)?,
+                    token_type: crate::token::token_type(r.get(10)?),
                     refresh_token: open(11, "refresh_token")?,
                     id_token: open(12, "id_token")?,
                     scope: r.get(13)?,

@@ -3,6 +3,7 @@
 
 use crate::secret::Secret;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A Unix-millisecond time for people: UTC, RFC 3339, to the second.
@@ -11,11 +12,21 @@ pub fn show_time(ms: i64) -> String {
     humantime::format_rfc3339_seconds(at).to_string()
 }
 
+/// A token type as kept in memory: the usual `Bearer` is not allocated for each client.
+pub fn token_type(read: String) -> Cow<'static, str> {
+    if read == "Bearer" {
+        Cow::Borrowed("Bearer")
+    } else {
+        Cow::Owned(read)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct TokenSet {
     pub access_token: Secret,
-    /// As the server wrote it, except `bearer` normalised to `Bearer`.
-    pub token_type: String,
+    /// As the server wrote it, except `bearer` normalised to `Bearer`; `Bearer` is one
+    /// static string for every client (`token_type`).
+    pub token_type: Cow<'static, str>,
     pub refresh_token: Option<Secret>,
     pub id_token: Option<Secret>,
     /// Space-separated granted scopes, when the server said.

@@ -292,7 +292,8 @@ pub struct ClientConfig {
     /// A private key and its claims: `private_key_jwt` client authentication, or the
     /// assertion of the `jwt_bearer` grant.
     pub jwt: Option<Box<crate::jwt::JwtSettings>>,
-    pub scopes: Vec<String>,
+    /// Shared by the clients that ask for the same scopes.
+    pub scopes: Arc<[String]>,
     /// Whether the authorization request carries a PKCE S256 challenge.
     pub pkce: bool,
     /// The loopback redirect URI; `None`: `http://127.0.0.1:{free port}/callback`.
@@ -362,7 +363,7 @@ impl ClientConfig {
 
     /// The hash behind `fingerprint`, computed once when the client is resolved.
     fn identity_hash(&self) -> [u8; 8] {
-        let mut scopes = self.scopes.clone();
+        let mut scopes = self.scopes.to_vec();
         scopes.sort();
         let mut h = Sha256::new();
         let subject = self
@@ -1064,6 +1065,7 @@ struct Resolver<'a> {
     /// most of the daemon's memory.
     profiles: std::cell::RefCell<provider::Profiles>,
     endpoints: std::cell::RefCell<std::collections::HashSet<Arc<Endpoints>>>,
+    scopes: std::cell::RefCell<std::collections::HashSet<Arc<[String]>>>,
     refresh_policies: std::cell::RefCell<HashMap<PolicyKey, Arc<RefreshPolicy>>>,
 }
 
@@ -1075,6 +1077,7 @@ impl<'a> Resolver<'a> {
             dir: file.parent().unwrap_or(Path::new("/")),
             profiles: Default::default(),
             endpoints: Default::default(),
+            scopes: Default::default(),
             refresh_policies: Default::default(),
         }
     }
@@ -1635,24 +1638,25 @@ impl<'a> Resolver<'a> {
             ));
         }
 
-        // serde reserves room for four; the list lives as long as the configuration.
-        scopes.shrink_to_fit();
         let mut client = ClientConfig {
             name: name.into(),
             provider: provider_label,
             profile,
-            endpoints: self.shared_endpoints(Endpoints {
-                authorize,
-                token,
-                refresh: refresh_url,
-                revoke,
-                device_authorization,
-            }),
+            endpoints: intern(
+                &self.endpoints,
+                Endpoints {
+                    authorize,
+                    token,
+                    refresh: refresh_url,
+                    revoke,
+                    device_authorization,
+                },
+            ),
             grant: rc.grant,
             client_id,
             jwt: jwt.map(Box::new),
             client_secret,
-            scopes,
+            scopes: intern(&self.scopes, scopes),
             pkce,
             redirect_uri: redirect_uri.map(Box::new),
             authorize_params,
@@ -1669,17 +1673,6 @@ impl<'a> Resolver<'a> {
         };
         client.identity = client.identity_hash();
         Ok(client)
-    }
-
-    /// `endpoints`, or the same ones another client already holds.
-    fn shared_endpoints(&self, endpoints: Endpoints) -> Arc<Endpoints> {
-        let mut known = self.endpoints.borrow_mut();
-        if let Some(shared) = known.get(&endpoints) {
-            return shared.clone();
-        }
-        let shared = Arc::new(endpoints);
-        known.insert(shared.clone());
-        shared
     }
 
     /// `policy`, or the same one another client already holds.
@@ -1774,6 +1767,21 @@ impl<'a> Resolver<'a> {
 }
 
 /// Token and authorization endpoints carry credentials: plain http only on loopback.
+/// `value`, or the equal one already in `known`: one allocation for what many clients hold.
+fn intern<T, V>(known: &std::cell::RefCell<std::collections::HashSet<Arc<T>>>, value: V) -> Arc<T>
+where
+    T: std::hash::Hash + Eq + ?Sized,
+    V: std::borrow::Borrow<T> + Into<Arc<T>>,
+{
+    let mut known = known.borrow_mut();
+    if let Some(shared) = known.get(value.borrow()) {
+        return shared.clone();
+    }
+    let shared: Arc<T> = value.into();
+    known.insert(shared.clone());
+    shared
+}
+
 fn check_endpoint_security(url: &Url) -> Result<(), String> {
     match url.scheme() {
         "https" => Ok(()),

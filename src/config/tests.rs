@@ -274,6 +274,8 @@ clients:
   e: {provider: google, client_id: five, refresh: {before_expiry: 5m}}
   f: {provider: {base: google, scope_separator: ","}, client_id: six}
   g: {provider: {base: google, scope_separator: ","}, client_id: seven}
+  h: {provider: google, client_id: eight, scopes: [mail]}
+  i: {provider: google, client_id: nine, scopes: [mail]}
 "#;
     let c = parse_at(src).expect("valid");
     let client = |n: &str| c.clients[n].clone();
@@ -297,6 +299,10 @@ clients:
     assert_ne!(cc.endpoints.token, d.endpoints.token);
     assert!(Arc::ptr_eq(&a.refresh, &b.refresh) && !Arc::ptr_eq(&a.refresh, &e.refresh));
     assert!(Arc::ptr_eq(&a.name, c.clients.keys().next().expect("a")));
+    // The same scopes are one list, other scopes another.
+    assert!(Arc::ptr_eq(&a.scopes, &b.scopes));
+    let (h, i) = (client("h"), client("i"));
+    assert!(Arc::ptr_eq(&h.scopes, &i.scopes) && !Arc::ptr_eq(&a.scopes, &h.scopes));
 }
 
 /// Many clients in the plain layout, with a few odd ones: a quoted name, comments, a block
