@@ -33,7 +33,6 @@ pub enum DaemonError {
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
 pub fn run(config_file: &Path) -> Result<(), DaemonError> {
     let begun = std::time::Instant::now();
-    crate::heap::one_arena();
     let config = Arc::new(config::load(config_file)?);
     init_logging(&config);
     tracing::debug!(

@@ -796,9 +796,12 @@ fn parse_reusing(src: &str, file: &Path, previous: Option<&Config>) -> Result<Co
     }
 }
 
+/// Clients parsed by a parser thread, each with its block's place in the file.
+type ParsedChunk = Vec<(usize, (String, RawClient))>;
+
 /// Clients parsed together: enough to make the parser's set-up cost nothing, few enough that
 /// the YAML events held at once stay small.
-const CHUNK: usize = 2000;
+const CHUNK: usize = 250;
 
 /// The configuration read through its client blocks (`blocks`): the settings around the
 /// clients first, then the clients `previous` holds with the same text are kept, and the others
@@ -824,21 +827,46 @@ fn by_blocks(src: &str, file: &Path, previous: Option<&Config>) -> Option<Config
         .collect();
     let to_read: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_none()).collect();
     let chunks: Vec<&[usize]> = to_read.chunks(CHUNK).collect();
+    // Parser threads turn chunks of blocks into raw clients, and this thread resolves them:
+    // what the clients keep is then allocated here, and the parsers' heaps hold only what is
+    // thrown away (heap.rs).
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let read_chunks = || {
-        let resolver = Resolver::new(src, file);
-        let mut done = Vec::new();
-        loop {
-            let at = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(chunk) = chunks.get(at) else {
-                return Some(done);
-            };
-            let text: String = chunk.iter().map(|&i| split.blocks[i].text).collect();
-            let parsed: ClientMap = serde_yaml::from_str(&text).ok()?;
-            if parsed.0.len() != chunk.len() {
-                return None;
-            }
-            for ((name, rc), &i) in parsed.0.into_iter().zip(chunk.iter()) {
+    let parse_chunks = |parsed: std::sync::mpsc::SyncSender<Option<ParsedChunk>>| loop {
+        let at = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(chunk) = chunks.get(at) else {
+            return;
+        };
+        let text: String = chunk.iter().map(|&i| split.blocks[i].text).collect();
+        let clients = serde_yaml::from_str::<ClientMap>(&text)
+            .ok()
+            .filter(|clients| clients.0.len() == chunk.len())
+            .map(|clients| {
+                chunk
+                    .iter()
+                    .copied()
+                    .zip(clients.0)
+                    .collect::<ParsedChunk>()
+            });
+        let failed = clients.is_none();
+        // The receiver is gone when another chunk failed.
+        if parsed.send(clients).is_err() || failed {
+            return;
+        }
+    };
+    let parse_chunks = &parse_chunks;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get().min(4))
+        .min(chunks.len())
+        .max(1);
+    std::thread::scope(|scope| {
+        let (sender, parsed) = std::sync::mpsc::sync_channel(threads * 2);
+        for _ in 0..threads {
+            let sender = sender.clone();
+            scope.spawn(move || parse_chunks(sender));
+        }
+        drop(sender);
+        for chunk in parsed {
+            for (i, (name, rc)) in chunk? {
                 let block = &split.blocks[i];
                 if block.name.is_some_and(|n| n != name) {
                     return None;
@@ -848,34 +876,11 @@ fn by_blocks(src: &str, file: &Path, previous: Option<&Config>) -> Option<Config
                     .client(&name, rc, &global_refresh, &config.paths)
                     .ok()?;
                 client.source = SourceText(keepable.then_some(block.hash));
-                done.push((i, Arc::new(client)));
+                slots[i] = Some(Arc::new(client));
             }
         }
-    };
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get().min(4))
-        .min(chunks.len());
-    // For each thread, the clients it read with their place in the file.
-    type Read = Option<Vec<(usize, Arc<ClientConfig>)>>;
-    let read: Vec<Read> = if threads <= 1 {
-        vec![read_chunks()]
-    } else {
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..threads).map(|_| scope.spawn(read_chunks)).collect();
-            workers
-                .into_iter()
-                .map(|w| w.join().ok().flatten())
-                .collect()
-        })
-    };
-    for (i, client) in read
-        .into_iter()
-        .collect::<Option<Vec<_>>>()?
-        .into_iter()
-        .flatten()
-    {
-        slots[i] = Some(client);
-    }
+        Some(())
+    })?;
     let mut sinks = SinkOwners::default();
     for client in slots {
         let client = client?;
@@ -1744,7 +1749,8 @@ impl<'a> Resolver<'a> {
 
     fn secret(&self, source: SecretSource, what: &str) -> Result<Secret, String> {
         let value = match source {
-            SecretSource::Inline(s) => s,
+            // A copy: the parsed text may live on a parser thread's heap (`by_blocks`).
+            SecretSource::Inline(s) => s.as_str().to_owned(),
             SecretSource::File(p) => crate::secret::from_file(&self.path(&p))?,
             SecretSource::Env(var) => std::env::var(&var)
                 .map_err(|_| format!("environment variable {var} is not set (or not UTF-8)"))?,
