@@ -486,20 +486,26 @@ impl Registry {
     // ---------------------------------------------------------------------------------------
     // Start-up and reconfiguration.
 
-    fn restore(&self, config: &Config, stored: Vec<Stored>) {
-        let mut by_name: HashMap<String, Stored> = stored
-            .into_iter()
-            .map(|s| (s.row.name.clone(), s))
-            .collect();
+    fn restore(&self, config: &Config, mut stored: Vec<Stored>) {
+        // Both in name order, the rows are matched to the clients in one pass (the store
+        // gives them in that order already, which the sort finds at once).
+        stored.sort_unstable_by(|a, b| a.row.name.cmp(&b.row.name));
+        let mut stored = stored.into_iter().peekable();
+        let mut unnamed = Vec::new();
         let mut clients = BTreeMap::new();
         for (name, cfg) in &config.clients {
-            let client = new_client(cfg.clone(), by_name.remove(&**name));
+            while let Some(row) = stored.next_if(|s| *s.row.name < **name) {
+                unnamed.push(row);
+            }
+            let own = stored.next_if(|s| *s.row.name == **name);
+            let client = new_client(cfg.clone(), own);
             clients.insert(client.name.clone(), client);
         }
+        unnamed.extend(stored);
         // Clients the config no longer names are kept (disabled) so that putting them back
         // needs no new authorization, until history.keep_removed forgets them.
         let mut writes = Vec::new();
-        for (_, s) in by_name {
+        for s in unnamed {
             if s.row.status != Status::Disabled.as_str() || s.row.removed_at.is_none() {
                 let mut row = s.row.clone();
                 row.status = Status::Disabled.as_str().into();
