@@ -203,6 +203,22 @@ fn config(c: &mut Criterion) {
     group.bench_function("parse 1,000 clients", |b| {
         b.iter(|| oauth2mci::config::parse(&yaml, file).expect("a valid config"))
     });
+    // As the daemon reads a file: by client blocks, parsed on every core.
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let file = dir.path().join("config.yaml");
+    std::fs::write(&file, &yaml).expect("config written");
+    group.bench_function("load 1,000 clients", |b| {
+        b.iter(|| oauth2mci::config::load(&file).expect("a valid config"))
+    });
+    let previous = oauth2mci::config::load(&file).expect("a valid config");
+    std::fs::write(
+        &file,
+        yaml.replace("client_id: app500,", "client_id: app500b,"),
+    )
+    .expect("config edited");
+    group.bench_function("reload 1,000 clients, one changed", |b| {
+        b.iter(|| oauth2mci::config::reload(&file, &previous).expect("a valid config"))
+    });
     group.finish();
 }
 

@@ -439,7 +439,8 @@ pub fn resolve(spec: &ProfileSpec) -> Result<(String, Profile), ProfileError> {
 /// configuration when there are 100,000 of them.
 #[derive(Default)]
 pub struct Profiles {
-    resolved: HashMap<ProfileSpec, (Arc<str>, Arc<Profile>)>,
+    // foldhash: a spec is hashed for every client at start-up, and the file is trusted input.
+    resolved: HashMap<ProfileSpec, (Arc<str>, Arc<Profile>), foldhash::fast::RandomState>,
 }
 
 impl Profiles {

@@ -170,17 +170,23 @@ fn last_request(bytes: &[u8]) -> bool {
     let Ok(httparse::Status::Complete(head)) = request.parse(bytes) else {
         return false;
     };
+    asks_to_close(request.headers) == Some(true) && head == bytes.len()
+}
+
+/// Whether a request without a body asks to close the connection after its answer; `None`
+/// when it has a body.
+pub fn asks_to_close(headers: &[httparse::Header]) -> Option<bool> {
     let mut close = false;
-    for h in request.headers.iter() {
+    for h in headers {
         if h.name.eq_ignore_ascii_case("connection") {
             close = h.value.eq_ignore_ascii_case(b"close");
         } else if h.name.eq_ignore_ascii_case("transfer-encoding")
             || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
         {
-            return false;
+            return None;
         }
     }
-    close && head == bytes.len()
+    Some(close)
 }
 
 /// Waits until `stream` is readable, at most `limit`.

@@ -1069,10 +1069,15 @@ struct Resolver<'a> {
     /// What clients share rather than each holding a copy: with 100,000 clients these are
     /// most of the daemon's memory.
     profiles: std::cell::RefCell<provider::Profiles>,
-    endpoints: std::cell::RefCell<std::collections::HashSet<Arc<Endpoints>>>,
-    scopes: std::cell::RefCell<std::collections::HashSet<Arc<[String]>>>,
-    refresh_policies: std::cell::RefCell<HashMap<PolicyKey, Arc<RefreshPolicy>>>,
+    // foldhash, not SipHash: each is hashed for every client at start-up (8 % of the time
+    // with SipHash), and the file is trusted input.
+    endpoints: std::cell::RefCell<FastSet<Arc<Endpoints>>>,
+    scopes: std::cell::RefCell<FastSet<Arc<[String]>>>,
+    refresh_policies:
+        std::cell::RefCell<HashMap<PolicyKey, Arc<RefreshPolicy>, foldhash::fast::RandomState>>,
 }
+
+type FastSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
 
 impl<'a> Resolver<'a> {
     fn new(src: &'a str, file: &'a Path) -> Resolver<'a> {
@@ -1774,7 +1779,7 @@ impl<'a> Resolver<'a> {
 
 /// Token and authorization endpoints carry credentials: plain http only on loopback.
 /// `value`, or the equal one already in `known`: one allocation for what many clients hold.
-fn intern<T, V>(known: &std::cell::RefCell<std::collections::HashSet<Arc<T>>>, value: V) -> Arc<T>
+fn intern<T, V>(known: &std::cell::RefCell<FastSet<Arc<T>>>, value: V) -> Arc<T>
 where
     T: std::hash::Hash + Eq + ?Sized,
     V: std::borrow::Borrow<T> + Into<Arc<T>>,
