@@ -1,6 +1,6 @@
-//! Whole-daemon figures for BENCHMARKS.md: the real `oauth2mci` binary (release build) against
-//! a fast loopback token endpoint in this process, with N clients in its configuration and
-//! database.
+//! Whole-daemon figures for BENCHMARKS.md: the real release binaries (the daemon `oauth2mcid`, the
+//! client `oauth2mci` linked static) against a fast loopback token endpoint in this process, with N
+//! clients in its configuration and database.
 //!
 //! ```sh
 //! cargo run --release --example load -- all          # every scenario, the figures in BENCHMARKS.md
