@@ -37,6 +37,7 @@ pub fn split(src: &str) -> Option<Split<'_>> {
     let mut seen_clients = false;
     let mut indent: Option<usize> = None;
     let mut block_start: Option<usize> = None;
+    let mut section_start: Option<usize> = None;
     let mut offset = 0;
     for line in src.split_inclusive('\n') {
         let start = offset;
@@ -61,6 +62,12 @@ pub fn split(src: &str) -> Option<Split<'_>> {
         }
         if in_clients {
             outside.push('\n');
+            // Line breaks the cut does not see (a lone CR, NEL, LS, PS) are libyaml's too.
+            if content.contains(['\r', '\u{85}', '\u{2028}', '\u{2029}']) {
+                return None;
+            }
+            // Comments before the first client go with it: the parser must see every byte.
+            section_start.get_or_insert(start);
             if blank {
                 continue;
             }
@@ -70,8 +77,12 @@ pub fn split(src: &str) -> Option<Split<'_>> {
                 if trimmed.starts_with(['-', '?', '{', '[', '&', '*', '!', '|', '>']) {
                     return None;
                 }
+                let first = block_start.is_none();
                 if let Some(b) = block_start.replace(start) {
                     blocks.push(block(&src[b..start])?);
+                }
+                if first {
+                    block_start = section_start;
                 }
             } else if own < key_indent || block_start.is_none() {
                 return None;
@@ -95,7 +106,10 @@ pub fn split(src: &str) -> Option<Split<'_>> {
 }
 
 fn block(text: &str) -> Option<Block<'_>> {
-    let key = text.trim_start_matches(' ');
+    let key = text
+        .lines()
+        .map(|line| line.trim_start_matches(' '))
+        .find(|line| !line.is_empty() && !line.starts_with('#'))?;
     // A quoted key with nothing to unescape reads as its inside; others as they are.
     let (key, end) = match key.as_bytes().first() {
         Some(b'"') => (&key[1..], "\":"),
@@ -147,7 +161,7 @@ refresh:
         assert_eq!(names, [Some("a"), Some("b"), None, Some("e")]);
         assert_eq!(
             split.blocks[0].text,
-            "  a:\n    client_id: x\n    scopes:\n      - one\n\n"
+            "  # first\n  a:\n    client_id: x\n    scopes:\n      - one\n\n"
         );
         assert_eq!(split.blocks[1].text, "  b: {client_id: y}\n");
         assert_eq!(
@@ -170,6 +184,8 @@ refresh:
             "clients:\n  a:\n\tclient_id: x\n",
             "refresh: {}\n",
             "clients:\n",
+            "clients:\n  a: {client_id: x}\r  b: {client_id: y}\n",
+            "clients:\n  a: {client_id: x}\u{2028}b: {}\n",
         ] {
             assert!(split(src).is_none(), "{src:?}");
         }

@@ -786,6 +786,12 @@ fn read(file: &Path) -> Result<(String, PathBuf), ConfigError> {
     Ok((src, file))
 }
 
+/// What the daemon reads through the client blocks (`by_blocks`), or `None` where it falls back
+/// to `parse`: for the fuzzer, which checks that both read the same.
+pub fn parse_by_blocks(src: &str, file: &Path) -> Option<Config> {
+    by_blocks(src, file, None)
+}
+
 /// `parse`, through the client blocks when the file has the plain layout.
 fn parse_reusing(src: &str, file: &Path, previous: Option<&Config>) -> Result<Config, ConfigError> {
     match by_blocks(src, file, previous) {
@@ -827,60 +833,65 @@ fn by_blocks(src: &str, file: &Path, previous: Option<&Config>) -> Option<Config
         .collect();
     let to_read: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_none()).collect();
     let chunks: Vec<&[usize]> = to_read.chunks(CHUNK).collect();
-    // Parser threads turn chunks of blocks into raw clients, and this thread resolves them:
-    // what the clients keep is then allocated here, and the parsers' heaps hold only what is
-    // thrown away (heap.rs).
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let parse_chunks = |parsed: std::sync::mpsc::SyncSender<Option<ParsedChunk>>| loop {
-        let at = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let Some(chunk) = chunks.get(at) else {
-            return;
-        };
+    let parse_chunk = |chunk: &[usize]| -> Option<ParsedChunk> {
         let text: String = chunk.iter().map(|&i| split.blocks[i].text).collect();
-        let clients = serde_yaml::from_str::<ClientMap>(&text)
-            .ok()
-            .filter(|clients| clients.0.len() == chunk.len())
-            .map(|clients| {
-                chunk
-                    .iter()
-                    .copied()
-                    .zip(clients.0)
-                    .collect::<ParsedChunk>()
-            });
-        let failed = clients.is_none();
-        // The receiver is gone when another chunk failed.
-        if parsed.send(clients).is_err() || failed {
-            return;
-        }
+        let clients = serde_yaml::from_str::<ClientMap>(&text).ok()?;
+        (clients.0.len() == chunk.len()).then(|| chunk.iter().copied().zip(clients.0).collect())
     };
-    let parse_chunks = &parse_chunks;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get().min(4))
-        .min(chunks.len())
-        .max(1);
-    std::thread::scope(|scope| {
-        let (sender, parsed) = std::sync::mpsc::sync_channel(threads * 2);
-        for _ in 0..threads {
-            let sender = sender.clone();
-            scope.spawn(move || parse_chunks(sender));
-        }
-        drop(sender);
-        for chunk in parsed {
-            for (i, (name, rc)) in chunk? {
-                let block = &split.blocks[i];
-                if block.name.is_some_and(|n| n != name) {
-                    return None;
-                }
-                let keepable = rc.keepable();
-                let mut client = resolver
-                    .client(&name, rc, &global_refresh, &config.paths)
-                    .ok()?;
-                client.source = SourceText(keepable.then_some(block.hash));
-                slots[i] = Some(Arc::new(client));
+    let mut resolve = |parsed: ParsedChunk| -> Option<()> {
+        for (i, (name, rc)) in parsed {
+            let block = &split.blocks[i];
+            if block.name.is_some_and(|n| n != name) {
+                return None;
             }
+            let keepable = rc.keepable();
+            let mut client = resolver
+                .client(&name, rc, &global_refresh, &config.paths)
+                .ok()?;
+            client.source = SourceText(keepable.then_some(block.hash));
+            slots[i] = Some(Arc::new(client));
         }
         Some(())
-    })?;
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get().min(4))
+        .min(chunks.len());
+    if threads <= 1 {
+        // A small file (or a reload with few changes): no thread to start.
+        for chunk in &chunks {
+            resolve(parse_chunk(chunk)?)?;
+        }
+    } else {
+        // Parser threads turn chunks of blocks into raw clients, and this thread resolves
+        // them: what the clients keep is then allocated here, and the parsers' heaps hold
+        // only what is thrown away (heap.rs).
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let parse_chunks = |parsed: std::sync::mpsc::SyncSender<Option<ParsedChunk>>| loop {
+            let at = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(chunk) = chunks.get(at) else {
+                return;
+            };
+            let clients = parse_chunk(chunk);
+            let failed = clients.is_none();
+            // The receiver is gone when another chunk failed.
+            if parsed.send(clients).is_err() || failed {
+                return;
+            }
+        };
+        let parse_chunks = &parse_chunks;
+        std::thread::scope(|scope| {
+            let (sender, parsed) = std::sync::mpsc::sync_channel(threads * 2);
+            for _ in 0..threads {
+                let sender = sender.clone();
+                scope.spawn(move || parse_chunks(sender));
+            }
+            drop(sender);
+            for chunk in parsed {
+                resolve(chunk?)?;
+            }
+            Some(())
+        })?;
+    }
     let mut sinks = SinkOwners::default();
     for client in slots {
         let client = client?;

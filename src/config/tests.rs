@@ -341,6 +341,11 @@ fn client_blocks_read_the_same_as_the_whole_document() {
         assert_eq!(by_blocks, whole);
         assert!(by_blocks.source.0.is_some());
     }
+    // What libyaml refuses anywhere (a control character, here in a comment before the first
+    // client) is seen by the blocks' parser too, and refused whole.
+    let control = "clients:\n  # a \u{1}\n  a: {provider: google, client_id: x}\n";
+    assert!(by_blocks(control, file, None).is_none());
+    assert!(parse(control, file).is_err());
     let example =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.yaml"))
             .expect("the example config");
