@@ -15,6 +15,9 @@ use std::hash::{Hash, Hasher};
 pub struct Split<'a> {
     /// The file with the clients' lines emptied: every other setting, at its own line.
     pub outside: String,
+    /// Of the settings around the clients, wherever they stand: adding or removing a client
+    /// moves them but changes nothing they say.
+    pub outside_hash: u64,
     pub blocks: Vec<Block<'a>>,
 }
 
@@ -30,6 +33,7 @@ pub struct Block<'a> {
 /// Cuts `src`, or `None` if its layout is not the plain one.
 pub fn split(src: &str) -> Option<Split<'_>> {
     let mut outside = String::with_capacity(1024);
+    let mut outside_hash = std::collections::hash_map::DefaultHasher::new();
     let mut blocks: Vec<Block> = Vec::new();
     // Where the clients' section is: before it, in it (with the indentation of its keys once
     // seen), after it.
@@ -98,11 +102,16 @@ pub fn split(src: &str) -> Option<Split<'_>> {
             in_clients = true;
         }
         outside.push_str(line);
+        line.hash(&mut outside_hash);
     }
     if let Some(b) = block_start {
         blocks.push(block(&src[b..])?);
     }
-    (seen_clients && indent.is_some_and(|i| i > 0)).then_some(Split { outside, blocks })
+    (seen_clients && indent.is_some_and(|i| i > 0)).then(|| Split {
+        outside,
+        outside_hash: outside_hash.finish(),
+        blocks,
+    })
 }
 
 fn block(text: &str) -> Option<Block<'_>> {

@@ -821,7 +821,7 @@ fn by_blocks(src: &str, file: &Path, previous: Option<&Config>) -> Option<Config
     if !clients.0.is_empty() {
         return None;
     }
-    config.source = SourceText(Some(blocks::hash(&split.outside)));
+    config.source = SourceText(Some(split.outside_hash));
     let keep_from = previous.filter(|p| p.source.0.is_some() && p.source.0 == config.source.0);
     let mut slots: Vec<Option<Arc<ClientConfig>>> = split
         .blocks

@@ -367,6 +367,30 @@ fn a_reload_keeps_the_clients_whose_text_did_not_change() {
         let kept = Arc::ptr_eq(client, &before.clients[name]);
         assert_eq!(kept, &**name != "c5", "{name}");
     }
+    // Clients added or removed move the settings after them, which still read the same.
+    let added = edited.replace(
+        "limits:",
+        "  extra: {provider: google, client_id: x}\nlimits:",
+    );
+    let after_add = parse_reusing(&added, file, Some(&after)).expect("valid");
+    assert_eq!(after_add.clients.len(), after.clients.len() + 1);
+    assert!(
+        after
+            .clients
+            .iter()
+            .all(|(n, c)| Arc::ptr_eq(c, &after_add.clients[n]))
+    );
+    let c7 = "  c7:\n    grant: client_credentials\n    provider: {token_url: \"http://127.0.0.1:9/t\"}\n    client_id: app7\n    client_secret: s\n";
+    assert!(added.contains(c7));
+    let after_remove =
+        parse_reusing(&added.replace(c7, ""), file, Some(&after_add)).expect("valid");
+    assert!(!after_remove.clients.contains_key("c7"));
+    assert!(
+        after_remove
+            .clients
+            .iter()
+            .all(|(n, c)| Arc::ptr_eq(c, &after_add.clients[n]))
+    );
     // A setting around the clients may change any of them: none is kept.
     let around = src.replace("jitter: 5%", "jitter: 6%");
     let after = parse_reusing(&around, file, Some(&before)).expect("valid");
