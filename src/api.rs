@@ -621,33 +621,25 @@ impl Acceptor {
                 tracing::debug!("socket connection: {e}");
                 continue;
             }
-            let conn = match crate::fast_path::parse(&first) {
-                None => Conn::after_first_read(stream, std::mem::take(&mut first)),
-                Some(request) => {
-                    match crate::fast_path::answer(&mut stream, &request, &self.registry) {
-                        Ok(None) => Conn::after_first_read(stream, std::mem::take(&mut first)),
-                        Ok(Some(Answered::Done)) if request.close => continue,
-                        Ok(Some(Answered::Done)) => Conn::answered(stream),
-                        Ok(Some(Answered::Partly(rest))) => {
-                            let close = request.close;
-                            self.finish(Conn::answered(stream), rest, close, permit);
-                            continue;
-                        }
-                        Err(e) => {
-                            tracing::debug!("socket connection: {e}");
-                            continue;
-                        }
-                    }
-                }
+            let answered = match crate::fast_path::parse(&first) {
+                None => Ok(None),
+                Some(request) => crate::fast_path::answer(&mut stream, &request, &self.registry)
+                    .map(|answered| answered.map(|a| (a, request.close))),
             };
-            let (app, shutdown) = (self.app.clone(), self.shutdown.clone());
-            self.tasks.spawn_on(
-                async move {
-                    let _permit = permit;
-                    serve_connection(app, conn, shutdown).await;
-                },
-                &self.runtime,
-            );
+            match answered {
+                Ok(None) => {
+                    let conn = Conn::after_first_read(stream, std::mem::take(&mut first));
+                    self.hand_over(conn, Vec::new(), false, permit);
+                }
+                Ok(Some((Answered::Done, true))) => {}
+                Ok(Some((Answered::Done, false))) => {
+                    self.hand_over(Conn::answered(stream), Vec::new(), false, permit)
+                }
+                Ok(Some((Answered::Partly(rest), close))) => {
+                    self.hand_over(Conn::answered(stream), rest, close, permit)
+                }
+                Err(e) => tracing::debug!("socket connection: {e}"),
+            }
         }
     }
 
@@ -665,21 +657,27 @@ impl Acceptor {
         })
     }
 
-    /// Writes the rest of an answer begun on the accepting thread, then serves the connection
-    /// on if the client keeps it.
-    fn finish(&self, mut conn: Conn, rest: Vec<u8>, close: bool, permit: OwnedSemaphorePermit) {
+    /// Serves `conn` in a task: first the rest of an answer begun on the accepting thread (if
+    /// any), then HTTP for as long as the client keeps the connection.
+    fn hand_over(&self, mut conn: Conn, rest: Vec<u8>, close: bool, permit: OwnedSemaphorePermit) {
         let (app, shutdown) = (self.app.clone(), self.shutdown.clone());
         self.tasks.spawn_on(
             async move {
                 use tokio::io::AsyncWriteExt;
                 let _permit = permit;
-                match tokio::time::timeout(HEADER_TIMEOUT, conn.write_all(&rest)).await {
-                    Ok(Ok(())) if !close => serve_connection(app, conn, shutdown).await,
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::debug!("socket connection: {e}"),
-                    Err(_) => {
-                        tracing::debug!("socket connection: the client did not read its answer")
+                if !rest.is_empty() {
+                    match tokio::time::timeout(HEADER_TIMEOUT, conn.write_all(&rest)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return tracing::debug!("socket connection: {e}"),
+                        Err(_) => {
+                            return tracing::debug!(
+                                "socket connection: the client did not read its answer"
+                            );
+                        }
                     }
+                }
+                if !close {
+                    serve_connection(app, conn, shutdown).await;
                 }
             },
             &self.runtime,

@@ -192,7 +192,6 @@ fn signal_handler(registry: Arc<Registry>) -> Result<signal_hook_tokio::Handle, 
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
                 let _ = registry.reload().await;
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-                crate::heap::release_free_pages();
             } else {
                 registry.shutdown.cancel();
                 return;

@@ -614,11 +614,10 @@ impl Registry {
     pub async fn reload(self: &Arc<Self>) -> Result<Vec<String>, String> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let previous = self.config();
-        let loaded = tokio::task::spawn_blocking(move || {
-            crate::config::reload(&previous.file.clone(), &previous)
-        })
-        .await
-        .map_err(|e| format!("the config loader failed: {e}"))?;
+        let loaded =
+            tokio::task::spawn_blocking(move || crate::config::reload(&previous.file, &previous))
+                .await
+                .map_err(|e| format!("the config loader failed: {e}"))?;
         match loaded {
             Ok(new) => {
                 let changes = self.apply(Arc::new(new)).await;
@@ -708,16 +707,16 @@ impl Registry {
                 st.status = restored_status(&st, cfg);
                 changes.push(format!("{name}: back in the configuration"));
             }
-            if cfg.fingerprint() != old_cfg.fingerprint() {
+            if !cfg.same_identity(&old_cfg) {
                 if st.token.is_some()
-                    && st.fingerprint != cfg.fingerprint()
+                    && !cfg.has_fingerprint(&st.fingerprint)
                     && cfg.grant.unattended()
                 {
                     // No user needed: the next timer fetches a token for the new identity.
                     st.status = Status::Unauthorized;
                     st.reason = None;
                     changes.push(format!("{name}: identity changed, fetching a new token"));
-                } else if st.token.is_some() && st.fingerprint != cfg.fingerprint() {
+                } else if st.token.is_some() && !cfg.has_fingerprint(&st.fingerprint) {
                     st.status = Status::NeedsReauth;
                     st.reason = Some(IDENTITY_CHANGED.into());
                     changes.push(format!("{name}: identity changed, needs authorization"));
@@ -1133,7 +1132,7 @@ impl Registry {
             Status::Unauthorized | Status::Authorizing if st.token.is_none() => needs(format!(
                 "not authorized yet: run `oauth2mci authorize {name}`"
             )),
-            _ if st.fingerprint != cfg.fingerprint() => {
+            _ if !cfg.has_fingerprint(&st.fingerprint) => {
                 needs("its identity changed in the configuration".into())
             }
             _ => None,
@@ -1213,7 +1212,7 @@ impl Registry {
             // refreshed, nor written out.
             let disabled = st.status == Status::Disabled;
             let now_config = client.config();
-            let identity_changed = now_config.fingerprint() != issued_for.fingerprint();
+            let identity_changed = !now_config.same_identity(issued_for);
             st.take_token(
                 token.clone(),
                 generation,
@@ -1722,7 +1721,7 @@ impl Registry {
     ) -> Result<(), (String, String)> {
         let _flight = client.flight.lock().await;
         let cfg = client.config();
-        if cfg.fingerprint() != fingerprint {
+        if !cfg.has_fingerprint(fingerprint) {
             return Err((
                 "config_changed".into(),
                 "the client's configuration changed during the authorization; start again".into(),
@@ -1834,7 +1833,7 @@ impl Registry {
         let (code, callback_params) = code;
         let _flight = client.flight.lock().await;
         let cfg = client.config();
-        if cfg.fingerprint() != pending.fingerprint {
+        if !cfg.has_fingerprint(&pending.fingerprint) {
             return Err((
                 "config_changed".into(),
                 "the client's configuration changed during the authorization; start again".into(),

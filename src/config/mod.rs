@@ -822,7 +822,7 @@ fn by_blocks(src: &str, file: &Path, previous: Option<&Config>) -> Option<Config
         return None;
     }
     config.source = SourceText(Some(split.outside_hash));
-    let keep_from = previous.filter(|p| p.source.0.is_some() && p.source.0 == config.source.0);
+    let keep_from = previous.filter(|p| p.source.0 == config.source.0);
     let mut slots: Vec<Option<Arc<ClientConfig>>> = split
         .blocks
         .iter()
@@ -1788,7 +1788,6 @@ impl<'a> Resolver<'a> {
     }
 }
 
-/// Token and authorization endpoints carry credentials: plain http only on loopback.
 /// `value`, or the equal one already in `known`: one allocation for what many clients hold.
 fn intern<T, V>(known: &std::cell::RefCell<FastSet<Arc<T>>>, value: V) -> Arc<T>
 where
@@ -1804,6 +1803,7 @@ where
     shared
 }
 
+/// Token and authorization endpoints carry credentials: plain http only on loopback.
 fn check_endpoint_security(url: &Url) -> Result<(), String> {
     match url.scheme() {
         "https" => Ok(()),
