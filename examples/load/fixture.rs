@@ -208,7 +208,20 @@ impl Setup {
 /// The release binaries beside this example, built as README.md says to install them: the
 /// daemon `oauth2mcid`, and the client `oauth2mci` linked static. Returns the daemon's path;
 /// the client is `client_binary` of it.
+///
+/// With `OAUTH2MCI_BENCH_BINARIES=DIR`, the binaries in DIR are measured instead and nothing is
+/// built: to compare two builds, copy one aside.
 pub fn daemon_binary() -> Result<PathBuf, String> {
+    if let Some(dir) = std::env::var_os("OAUTH2MCI_BENCH_BINARIES") {
+        let bin = PathBuf::from(dir).join("oauth2mcid");
+        return match [bin.clone(), client_binary(&bin)]
+            .into_iter()
+            .find(|b| !b.exists())
+        {
+            None => Ok(bin),
+            Some(missing) => Err(format!("{} does not exist", missing.display())),
+        };
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let builds: [&[&str]; 2] = [
         &["build", "--release", "--quiet", "--bin", "oauth2mcid"],
