@@ -13,7 +13,9 @@ use std::hash::{Hash, Hasher};
 
 /// A configuration's text cut around its clients.
 pub struct Split<'a> {
-    /// The file with the clients' lines emptied: every other setting, at its own line.
+    /// The file without the clients' lines. Its line numbers are not the file's: an error in
+    /// it is placed by parsing the whole file, and 100,000 empty lines cost the YAML scanner
+    /// 0.1 s.
     pub outside: String,
     /// Of the settings around the clients, wherever they stand: adding or removing a client
     /// moves them but changes nothing they say.
@@ -65,7 +67,6 @@ pub fn split(src: &str) -> Option<Split<'_>> {
             }
         }
         if in_clients {
-            outside.push('\n');
             // Line breaks the cut does not see (a lone CR, NEL, LS, PS) are libyaml's too.
             if content.contains(['\r', '\u{85}', '\u{2028}', '\u{2029}']) {
                 return None;
@@ -175,9 +176,8 @@ refresh:
         assert_eq!(split.blocks[1].text, "  b: {client_id: y}\n");
         assert_eq!(
             split.outside,
-            "paths: {state: s}\nclients:\n\n\n\n\n\n\n\n\n\n\nrefresh:\n  jitter: 5\n"
+            "paths: {state: s}\nclients:\nrefresh:\n  jitter: 5\n"
         );
-        assert_eq!(split.outside.lines().count(), src.lines().count());
         assert_ne!(split.blocks[0].hash, split.blocks[1].hash);
     }
 
