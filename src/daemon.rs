@@ -8,7 +8,7 @@ use crate::api;
 use crate::config::{self, Config};
 use crate::registry::Registry;
 use crate::seal::Sealer;
-use crate::store::{Store, Write};
+use crate::store::{Snapshot, Store, Write};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -33,22 +33,118 @@ pub enum DaemonError {
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
 pub fn run(config_file: &Path) -> Result<(), DaemonError> {
     let begun = std::time::Instant::now();
-    let config = Arc::new(config::load(config_file)?);
-    init_logging(&config);
+    // With many clients, the store is opened and read while the clients are: both take long.
+    let mut opening = None;
+    let mut logging = false;
+    let config = config::load_announcing(config_file, |settings, clients| {
+        init_logging(settings);
+        logging = true;
+        if clients >= StateOpening::WORTH_A_THREAD {
+            opening = StateOpening::start(settings);
+        }
+    });
+    let config = match config {
+        Ok(config) => Arc::new(config),
+        Err(e) => {
+            // Not left migrating the database while the process exits.
+            if let Some(opening) = opening {
+                let _ = opening.thread.join();
+            }
+            return Err(e.into());
+        }
+    };
+    if !logging {
+        init_logging(&config);
+    }
     tracing::debug!(
         "configuration of {} clients read in {} ms",
         config.clients.len(),
         begun.elapsed().as_millis()
     );
+    let state = match opening {
+        Some(opening) if opening.paths == config.paths && opening.keys == config.encryption => {
+            let opened = opening.thread.join().unwrap_or_else(|_| {
+                Err("the thread opening the store stopped unexpectedly".into())
+            });
+            tracing::debug!("the store was read alongside the configuration");
+            opened
+        }
+        other => {
+            // Few clients, settings the whole file reads differently from its outside (which
+            // the config fuzz target looks for), or no thread to open the store on.
+            if let Some(opening) = other {
+                let _ = opening.thread.join();
+            }
+            OpenState::open(&config.paths, &config.encryption)
+        }
+    }
+    .map_err(DaemonError::Start)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("oauth2mci")
         .build()
         .map_err(|e| DaemonError::Start(format!("cannot start the async runtime: {e}")))?;
-    let result = runtime.block_on(serve(config, begun));
+    let result = runtime.block_on(serve(config, state, begun));
     // Hooks still running after the grace period are not worth waiting for.
     runtime.shutdown_timeout(Duration::from_secs(2));
     result
+}
+
+/// The store opened on a thread of its own, for `paths` and `keys`.
+struct StateOpening {
+    paths: config::Paths,
+    keys: crate::seal::Keys,
+    thread: std::thread::JoinHandle<Result<OpenState, String>>,
+}
+
+impl StateOpening {
+    /// Below this many clients the store is read in milliseconds, and a thread's own heap
+    /// would add half a MiB to a daemon of 10.
+    const WORTH_A_THREAD: usize = 5_000;
+
+    /// `None` when no thread can be started: the store is then opened after the config.
+    fn start(settings: &Config) -> Option<StateOpening> {
+        let paths = settings.paths.clone();
+        let keys = settings.encryption.clone();
+        let (p, k) = (paths.clone(), keys.clone());
+        let thread = std::thread::Builder::new()
+            .name("store-open".into())
+            .spawn(move || OpenState::open(&p, &k))
+            .ok()?;
+        Some(StateOpening {
+            paths,
+            keys,
+            thread,
+        })
+    }
+}
+
+/// The state folder locked, the store open and what it held read.
+struct OpenState {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+    store: Store,
+    writer: std::thread::JoinHandle<()>,
+    snapshot: Snapshot,
+}
+
+impl OpenState {
+    fn open(paths: &config::Paths, keys: &crate::seal::Keys) -> Result<OpenState, String> {
+        let begun = std::time::Instant::now();
+        let lock = lock_state_dir(&paths.state_dir)?;
+        let (store, writer) =
+            Store::open(&paths.database(), Sealer::new(keys)).map_err(|e| e.to_string())?;
+        let snapshot = store.snapshot().map_err(|e| e.to_string())?;
+        tracing::debug!(
+            "store opened and read in {} ms",
+            begun.elapsed().as_millis()
+        );
+        Ok(OpenState {
+            _lock: lock,
+            store,
+            writer,
+            snapshot,
+        })
+    }
 }
 
 fn init_logging(config: &Config) {
@@ -84,11 +180,18 @@ fn init_logging(config: &Config) {
     let _ = result;
 }
 
-async fn serve(config: Arc<Config>, begun: std::time::Instant) -> Result<(), DaemonError> {
+async fn serve(
+    config: Arc<Config>,
+    state: OpenState,
+    begun: std::time::Instant,
+) -> Result<(), DaemonError> {
     let start = |e: String| DaemonError::Start(e);
-    let _lock = lock_state_dir(&config.paths.state_dir).map_err(start)?;
-    let (store, writer) = Store::open(&config.paths.database(), Sealer::new(&config.encryption))
-        .map_err(|e| start(e.to_string()))?;
+    let OpenState {
+        _lock,
+        store,
+        writer,
+        snapshot,
+    } = state;
     let listener = api::bind(
         &config.paths.socket,
         config.socket.mode,
@@ -97,8 +200,14 @@ async fn serve(config: Arc<Config>, begun: std::time::Instant) -> Result<(), Dae
     .map_err(start)?;
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let registry =
-        Registry::start(config.clone(), store, shutdown.clone(), tasks.clone()).map_err(start)?;
+    let registry = Registry::start(
+        config.clone(),
+        store,
+        snapshot,
+        shutdown.clone(),
+        tasks.clone(),
+    )
+    .map_err(start)?;
     let api = api::serve(
         listener,
         registry.clone(),

@@ -13,7 +13,7 @@ use crate::provider::{RefreshMechanism, Revocation, Rotation};
 use crate::redirect::{self, Callback, Hub, PendingAuth};
 use crate::scheduler::{self, ClockEvent, Scheduler};
 use crate::sink;
-use crate::store::{ClientRow, Event, PendingRow, Store, Stored, Write};
+use crate::store::{ClientRow, Event, PendingRow, Snapshot, Store, Stored, Write};
 use crate::token::{TokenSet, now_ms};
 use crate::wire::{self, AuthorizationOutcome, AuthorizeReply, ClientInfo, RevokeReply};
 use serde::{Deserialize, Serialize};
@@ -356,19 +356,17 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Builds the registry from the configuration and what the store remembers, and starts
-    /// the timers.
+    /// Builds the registry from the configuration and what the store held at start
+    /// (`snapshot`), and starts the timers.
     pub fn start(
         config: Arc<Config>,
         store: Store,
+        snapshot: Snapshot,
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) -> Result<Arc<Registry>, String> {
         let begun = std::time::Instant::now();
         let engine = Engine::new(config.limits.request_timeout)?;
-        let stored = store.load().map_err(|e| e.to_string())?;
-        let pending = store.pending().map_err(|e| e.to_string())?;
-        let loaded = begun.elapsed();
         let (fire_tx, mut fire_rx) = tokio::sync::mpsc::unbounded_channel::<Arc<str>>();
         let (clock_tx, mut clock_rx) = tokio::sync::mpsc::unbounded_channel::<ClockEvent>();
         let clock_shift = Arc::new(AtomicI64::new(0));
@@ -404,12 +402,11 @@ impl Registry {
             clock_shift,
             clock_followed: AtomicI64::new(0),
         });
-        registry.restore(&config, stored);
-        registry.resume_authorizations(pending);
+        registry.restore(&config, snapshot.clients);
+        registry.resume_authorizations(snapshot.pending);
         tracing::debug!(
-            "state read in {} ms, clients restored and scheduled in {} ms",
-            loaded.as_millis(),
-            (begun.elapsed() - loaded).as_millis()
+            "clients restored and scheduled in {} ms",
+            begun.elapsed().as_millis()
         );
         let follower = registry.clone();
         tasks.spawn(async move {

@@ -162,6 +162,14 @@ pub struct Stored {
     pub token: Option<(TokenSet, i64)>,
 }
 
+/// What the store holds when the daemon starts.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub clients: Vec<Stored>,
+    /// Authorizations that were waiting for the user.
+    pub pending: Vec<PendingRow>,
+}
+
 struct Unit {
     writes: Vec<Write>,
     done: oneshot::Sender<Result<(), StoreError>>,
@@ -233,6 +241,14 @@ impl Store {
     pub fn load(&self) -> Result<Vec<Stored>, StoreError> {
         let conn = open_connection(&self.path, false)?;
         load_all(&conn, &self.sealer).map_err(|e| StoreError::Read(e.to_string()))
+    }
+
+    /// Every client, token and pending authorization, for start-up.
+    pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        Ok(Snapshot {
+            clients: self.load()?,
+            pending: self.pending()?,
+        })
     }
 
     pub fn pending(&self) -> Result<Vec<PendingRow>, StoreError> {

@@ -158,3 +158,110 @@ async fn a_revoked_grant_needs_the_user_and_says_so_once() {
     assert_eq!(daemon.status_of("crm"), "valid");
     assert_eq!(daemon.cli(&["token", "crm"]).status.code(), Some(0));
 }
+
+/// With thousands of clients the store is opened and read on a thread of its own while the
+/// configuration is parsed (daemon.rs). What it read reaches every client, and a bad client
+/// still stops the start, placed in the file, with the store left as it was.
+#[test]
+fn a_large_configuration_starts_with_the_tokens_it_stored() {
+    use oauth2mci::store::{ClientRow, Store, Write};
+    use oauth2mci::token::TokenSet;
+    const CLIENTS: usize = 6_000;
+    // Never contacted: every token is valid for a day.
+    let provider = "{authorize_url: \"http://127.0.0.1:9/authorize\", token_url: \"http://127.0.0.1:9/token\"}";
+    let clients: String = (0..CLIENTS)
+        .map(|i| format!("  c{i}: {{provider: {provider}, client_id: app{i}}}\n"))
+        .collect();
+    let mut daemon = Daemon::start("", &clients);
+    assert_eq!(daemon.status_of("c4321"), "unauthorized");
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(20)), Some(0));
+
+    // Tokens for every client, as if each had been authorized.
+    let config = oauth2mci::config::load(&daemon.config).unwrap();
+    let sealer = oauth2mci::seal::Sealer::new(&config.encryption);
+    let (store, writer) = Store::open(&daemon.path("state/state.db"), sealer).unwrap();
+    let now = oauth2mci::token::now_ms();
+    let mut writes = Vec::new();
+    for (name, cfg) in &config.clients {
+        writes.push(Write::Client(ClientRow {
+            name: name.to_string(),
+            status: "valid".into(),
+            fingerprint: cfg.fingerprint(),
+            reason: None,
+            last_refresh_at: Some(now),
+            last_error: None,
+            failures: 0,
+            removed_at: None,
+            updated_at: now,
+            warned_for: None,
+            refresh_started_at: None,
+        }));
+        let token = TokenSet {
+            access_token: oauth2mci::secret::Secret::new(format!("stored-{name}")),
+            token_type: "Bearer".into(),
+            refresh_token: Some(oauth2mci::secret::Secret::new(format!("refresh-{name}"))),
+            id_token: None,
+            scope: None,
+            expires_at: Some(now + 86_400_000),
+            refresh_expires_at: None,
+            obtained_at: now,
+            granted_at: now,
+            extra: Default::default(),
+            refresh_expiry_slides: false,
+        };
+        writes.push(Write::Token {
+            client: name.to_string(),
+            token: Some((token, 1)),
+        });
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(store.commit(writes)).unwrap();
+    drop(store);
+    writer.join().unwrap();
+
+    daemon.spawn();
+    assert!(
+        daemon
+            .log_text()
+            .contains("the store was read alongside the configuration"),
+        "{}",
+        daemon.log_text()
+    );
+    for name in ["c0", "c2999", &format!("c{}", CLIENTS - 1)] {
+        let o = daemon.cli(&["token", name]);
+        assert_eq!(o.status.code(), Some(0), "{name}: {}", stderr(&o));
+        assert_eq!(stdout(&o), format!("stored-{name}\n"));
+    }
+    let (_, health) = daemon.get("/v1/health").unwrap();
+    assert_eq!(health["clients"], CLIENTS, "{health}");
+
+    // A client wrong near the end: refused with its line, after the store was opened.
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(20)), Some(0));
+    let text = daemon.config_text();
+    let bad = format!("client_id: app{}}}", CLIENTS - 2);
+    std::fs::write(
+        &daemon.config,
+        text.replacen(&bad, "client_id: 7}, pkce: maybe}", 1),
+    )
+    .unwrap();
+    let line = text.lines().position(|l| l.contains(&bad)).unwrap() + 1;
+    let o = std::process::Command::new(BIN)
+        .args(["daemon", "--config"])
+        .arg(&daemon.config)
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("config.yaml:{line}:")) && err.lines().count() == 1,
+        "{err}"
+    );
+    std::fs::write(&daemon.config, text).unwrap();
+    daemon.spawn();
+    let o = daemon.cli(&["token", "c1"]);
+    assert_eq!(stdout(&o), "stored-c1\n", "{}", stderr(&o));
+}

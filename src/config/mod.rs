@@ -751,15 +751,26 @@ impl<'de> Deserialize<'de> for ClientMap {
 
 /// Reads, validates and resolves the config at `file`.
 pub fn load(file: &Path) -> Result<Config, ConfigError> {
+    load_announcing(file, |_, _| {})
+}
+
+/// `load`, handing `settings_known` the settings around the clients (paths, encryption,
+/// logging; no clients yet) and how many clients the file has, as soon as they are resolved,
+/// so that the caller can start on them while the clients are read. Not called when the
+/// settings are wrong; when the clients are, it has been called and the load still fails.
+pub fn load_announcing(
+    file: &Path,
+    settings_known: impl FnOnce(&Config, usize),
+) -> Result<Config, ConfigError> {
     let (src, file) = read(file)?;
-    parse_reusing(&src, &file, None)
+    parse_reusing(&src, &file, None, settings_known)
 }
 
 /// Reads the config at `file` again, keeping from `previous` every client whose text and
 /// settings around it are unchanged: with many clients, a reload costs what changed.
 pub fn reload(file: &Path, previous: &Config) -> Result<Config, ConfigError> {
     let (src, file) = read(file)?;
-    parse_reusing(&src, &file, Some(previous))
+    parse_reusing(&src, &file, Some(previous), |_, _| {})
 }
 
 fn read(file: &Path) -> Result<(String, PathBuf), ConfigError> {
@@ -789,16 +800,28 @@ fn read(file: &Path) -> Result<(String, PathBuf), ConfigError> {
 /// What the daemon reads through the client blocks (`by_blocks`), or `None` where it falls back
 /// to `parse`: for the fuzzer, which checks that both read the same.
 pub fn parse_by_blocks(src: &str, file: &Path) -> Option<Config> {
-    by_blocks(src, file, None)
+    by_blocks(src, file, None, &mut |_, _| {})
 }
 
 /// `parse`, through the client blocks when the file has the plain layout.
-fn parse_reusing(src: &str, file: &Path, previous: Option<&Config>) -> Result<Config, ConfigError> {
-    match by_blocks(src, file, previous) {
+fn parse_reusing(
+    src: &str,
+    file: &Path,
+    previous: Option<&Config>,
+    settings_known: impl FnOnce(&Config, usize),
+) -> Result<Config, ConfigError> {
+    let mut settings_known = Some(settings_known);
+    // Told once: the blocks may have told it before falling back.
+    let mut tell = |settings: &Config, clients: usize| {
+        if let Some(told) = settings_known.take() {
+            told(settings, clients);
+        }
+    };
+    match by_blocks(src, file, previous, &mut tell) {
         Some(config) => Ok(config),
         // Whatever the blocks could not settle (another layout, or an error anywhere), the
         // whole document settles, and says where an error is.
-        None => parse(src, file),
+        None => parse_announcing(src, file, &mut tell),
     }
 }
 
@@ -813,7 +836,12 @@ const CHUNK: usize = 250;
 /// clients first, then the clients `previous` holds with the same text are kept, and the others
 /// are parsed and resolved in chunks, on as many threads as there are cores. `None` on any
 /// error or surprise.
-fn by_blocks(src: &str, file: &Path, previous: Option<&Config>) -> Option<Config> {
+fn by_blocks(
+    src: &str,
+    file: &Path,
+    previous: Option<&Config>,
+    settings_known: &mut dyn FnMut(&Config, usize),
+) -> Option<Config> {
     let split = blocks::split(src)?;
     let raw: RawConfig = serde_yaml::from_str(&split.outside).ok()?;
     let resolver = Resolver::new(src, file);
@@ -822,6 +850,7 @@ fn by_blocks(src: &str, file: &Path, previous: Option<&Config>) -> Option<Config
         return None;
     }
     config.source = SourceText(Some(split.outside_hash));
+    settings_known(&config, split.blocks.len());
     let keep_from = previous.filter(|p| p.source.0 == config.source.0);
     let mut slots: Vec<Option<Arc<ClientConfig>>> = split
         .blocks
@@ -905,6 +934,15 @@ fn by_blocks(src: &str, file: &Path, previous: Option<&Config>) -> Option<Config
 
 /// Validates and resolves `src`, read from `file` (which anchors relative paths).
 pub fn parse(src: &str, file: &Path) -> Result<Config, ConfigError> {
+    parse_announcing(src, file, &mut |_, _| {})
+}
+
+/// `parse`, telling `settings_known` the settings before the clients are resolved.
+fn parse_announcing(
+    src: &str,
+    file: &Path,
+    settings_known: &mut dyn FnMut(&Config, usize),
+) -> Result<Config, ConfigError> {
     if src.trim().is_empty() {
         return Err(ConfigError {
             file: file.to_path_buf(),
@@ -915,6 +953,7 @@ pub fn parse(src: &str, file: &Path) -> Result<Config, ConfigError> {
     let raw: RawConfig = serde_yaml::from_str(src).map_err(|e| from_yaml_error(file, &e))?;
     let resolver = Resolver::new(src, file);
     let (mut config, global_refresh, clients) = resolver.settings(raw)?;
+    settings_known(&config, clients.0.len());
     let mut sinks = SinkOwners::default();
     for (name, rc) in clients.0 {
         let client = resolver.client(&name, rc, &global_refresh, &config.paths)?;

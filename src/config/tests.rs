@@ -22,7 +22,7 @@ clients:
 
 /// As the daemon reads a file: through the client blocks, or the whole document.
 fn parse_at(src: &str) -> Result<Config, ConfigError> {
-    parse_reusing(src, Path::new("/etc/o/config.yaml"), None)
+    parse_reusing(src, Path::new("/etc/o/config.yaml"), None, |_, _| {})
 }
 
 /// Each config is refused at `line:column` with a message holding the fragment.
@@ -337,20 +337,20 @@ fn client_blocks_read_the_same_as_the_whole_document() {
     // Past one chunk, so that several threads share the work.
     for src in [GOOD.to_string(), many_clients(5000, 5)] {
         let whole = parse(&src, file).expect("valid");
-        let by_blocks = by_blocks(&src, file, None).expect("the plain layout");
+        let by_blocks = parse_by_blocks(&src, file).expect("the plain layout");
         assert_eq!(by_blocks, whole);
         assert!(by_blocks.source.0.is_some());
     }
     // What libyaml refuses anywhere (a control character, here in a comment before the first
     // client) is seen by the blocks' parser too, and refused whole.
     let control = "clients:\n  # a \u{1}\n  a: {provider: google, client_id: x}\n";
-    assert!(by_blocks(control, file, None).is_none());
+    assert!(parse_by_blocks(control, file).is_none());
     assert!(parse(control, file).is_err());
     let example =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.yaml"))
             .expect("the example config");
     assert_eq!(
-        by_blocks(&example, file, None).expect("the plain layout"),
+        parse_by_blocks(&example, file).expect("the plain layout"),
         parse(&example, file).expect("valid")
     );
 }
@@ -359,9 +359,9 @@ fn client_blocks_read_the_same_as_the_whole_document() {
 fn a_reload_keeps_the_clients_whose_text_did_not_change() {
     let file = Path::new("/etc/o/config.yaml");
     let src = many_clients(8, 5);
-    let before = parse_reusing(&src, file, None).expect("valid");
+    let before = parse_reusing(&src, file, None, |_, _| {}).expect("valid");
     let edited = src.replace("client_id: app5\n", "client_id: app5-new\n");
-    let after = parse_reusing(&edited, file, Some(&before)).expect("valid");
+    let after = parse_reusing(&edited, file, Some(&before), |_, _| {}).expect("valid");
     assert_eq!(after, parse(&edited, file).expect("valid"));
     for (name, client) in &after.clients {
         let kept = Arc::ptr_eq(client, &before.clients[name]);
@@ -372,7 +372,7 @@ fn a_reload_keeps_the_clients_whose_text_did_not_change() {
         "limits:",
         "  extra: {provider: google, client_id: x}\nlimits:",
     );
-    let after_add = parse_reusing(&added, file, Some(&after)).expect("valid");
+    let after_add = parse_reusing(&added, file, Some(&after), |_, _| {}).expect("valid");
     assert_eq!(after_add.clients.len(), after.clients.len() + 1);
     assert!(
         after
@@ -383,7 +383,7 @@ fn a_reload_keeps_the_clients_whose_text_did_not_change() {
     let c7 = "  c7:\n    grant: client_credentials\n    provider: {token_url: \"http://127.0.0.1:9/t\"}\n    client_id: app7\n    client_secret: s\n";
     assert!(added.contains(c7));
     let after_remove =
-        parse_reusing(&added.replace(c7, ""), file, Some(&after_add)).expect("valid");
+        parse_reusing(&added.replace(c7, ""), file, Some(&after_add), |_, _| {}).expect("valid");
     assert!(!after_remove.clients.contains_key("c7"));
     assert!(
         after_remove
@@ -393,7 +393,7 @@ fn a_reload_keeps_the_clients_whose_text_did_not_change() {
     );
     // A setting around the clients may change any of them: none is kept.
     let around = src.replace("jitter: 5%", "jitter: 6%");
-    let after = parse_reusing(&around, file, Some(&before)).expect("valid");
+    let after = parse_reusing(&around, file, Some(&before), |_, _| {}).expect("valid");
     assert!(
         after
             .clients
@@ -408,9 +408,9 @@ fn a_reload_keeps_the_clients_whose_text_did_not_change() {
         "clients:\n  a:\n    provider: google\n    client_id: x\n    client_secret: {{file: {}}}\n  b:\n    provider: google\n    client_id: y\n",
         secret.display()
     );
-    let before = parse_reusing(&src, file, None).expect("valid");
+    let before = parse_reusing(&src, file, None, |_, _| {}).expect("valid");
     std::fs::write(&secret, "two").expect("secret rewritten");
-    let after = parse_reusing(&src, file, Some(&before)).expect("valid");
+    let after = parse_reusing(&src, file, Some(&before), |_, _| {}).expect("valid");
     assert_eq!(
         after.clients["a"]
             .client_secret
@@ -442,4 +442,45 @@ fn an_error_in_a_block_is_placed_in_the_whole_file() {
     let twice = many_clients(3000, 5).replace("  c2999:", "  c3:");
     let shown = parse_at(&twice).expect_err("refused").to_string();
     assert!(shown.contains("client \"c3\" is defined twice"), "{shown}");
+}
+
+#[test]
+fn the_settings_are_told_once_before_the_clients_are_read() {
+    let file = Path::new("/etc/o/config.yaml");
+    let plain = many_clients(600, 3);
+    // Flow style: the blocks give up, and the whole document tells.
+    let flow = "paths: {state: /var/lib/x}\nclients: {a: {provider: google, client_id: x}, b: {provider: google, client_id: y}}\n";
+    // A bad client: the settings were told, and the load still fails.
+    let bad = plain.replacen("client_id: app7\n", "client_id: app7\n    pkce: maybe\n", 1);
+    assert_ne!(bad, plain);
+    for (src, clients, ok) in [
+        (&plain[..], 600, true),
+        (flow, 2, true),
+        (&bad[..], 600, false),
+    ] {
+        let mut told = Vec::new();
+        let loaded = parse_reusing(src, file, None, |settings, n| {
+            told.push((settings.paths.clone(), settings.clients.len(), n));
+        });
+        assert_eq!(loaded.is_ok(), ok, "{src:.80}");
+        let whole_paths = parse(src, file).map(|c| c.paths).ok();
+        assert_eq!(told.len(), 1, "{src:.80}");
+        let (paths, held, n) = &told[0];
+        assert_eq!((*held, *n), (0, clients), "{src:.80}");
+        if let Some(whole) = whole_paths {
+            assert_eq!(*paths, whole);
+        }
+    }
+    // Settings that are wrong are not told.
+    let mut told = 0;
+    assert!(
+        parse_reusing(
+            "limits: {request_timeout: soon}\nclients:\n  a: {}\n",
+            file,
+            None,
+            |_, _| told += 1
+        )
+        .is_err()
+    );
+    assert_eq!(told, 0);
 }
