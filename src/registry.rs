@@ -126,6 +126,37 @@ pub enum Trigger {
     Manual,
 }
 
+/// An optional time (or clock reading) in milliseconds, in 8 bytes where `Option<i64>` takes
+/// 16: a client's state holds nine, which with 100,000 clients is 7 MB. `i64::MIN` stands for
+/// none; no time or clock shift reads it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct MaybeTime(i64);
+
+impl MaybeTime {
+    const NONE: MaybeTime = MaybeTime(i64::MIN);
+
+    fn some(at: i64) -> MaybeTime {
+        debug_assert!(at != i64::MIN);
+        MaybeTime(at)
+    }
+
+    fn get(self) -> Option<i64> {
+        (self != MaybeTime::NONE).then_some(self.0)
+    }
+}
+
+impl From<Option<i64>> for MaybeTime {
+    fn from(at: Option<i64>) -> MaybeTime {
+        at.map_or(MaybeTime::NONE, MaybeTime::some)
+    }
+}
+
+impl std::fmt::Debug for MaybeTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct ClientState {
     status: Status,
@@ -136,27 +167,27 @@ struct ClientState {
     fingerprint: String,
     reason: Option<String>,
     failures: u32,
-    last_refresh_at: Option<i64>,
+    last_refresh_at: MaybeTime,
     last_error: Option<String>,
-    next_refresh_at: Option<i64>,
-    removed_at: Option<i64>,
+    next_refresh_at: MaybeTime,
+    removed_at: MaybeTime,
     /// When the user was told that only they can help; not again until the client recovers,
     /// or `notify.repeat` has passed.
-    reauth_notified_at: Option<i64>,
+    reauth_notified_at: MaybeTime,
     /// When the user was told that refreshes keep failing.
-    error_notified_at: Option<i64>,
+    error_notified_at: MaybeTime,
     /// The grant end (a refresh token's known expiry) the user was warned about.
-    warned_for: Option<i64>,
+    warned_for: MaybeTime,
     /// The clock (`Registry::clock_shift`) this state's times were read on; `None` for what
     /// was read from the store at start.
-    clock: Option<i64>,
+    clock: MaybeTime,
     /// The refresh intent: a request that may rotate the refresh token went out then, and
     /// its outcome is not saved yet. Stored before the request, cleared with the outcome.
-    refresh_started_at: Option<i64>,
+    refresh_started_at: MaybeTime,
     /// The intent found at start: the daemon stopped while that refresh was out. If the next
     /// refresh meets `invalid_grant`, the server had answered and its new refresh token was
     /// lost with the process; the user is told exactly that.
-    interrupted_at: Option<i64>,
+    interrupted_at: MaybeTime,
 }
 
 impl ClientState {
@@ -170,9 +201,9 @@ impl ClientState {
         now: i64,
         clock: i64,
     ) {
-        self.clock = Some(clock);
-        self.refresh_started_at = None;
-        self.interrupted_at = None;
+        self.clock = MaybeTime::some(clock);
+        self.refresh_started_at = MaybeTime::NONE;
+        self.interrupted_at = MaybeTime::NONE;
         self.generation = generation;
         self.token = Some(token);
         self.status = Status::Valid;
@@ -180,9 +211,9 @@ impl ClientState {
         self.reason = None;
         self.failures = 0;
         self.last_error = None;
-        self.last_refresh_at = Some(now);
-        self.reauth_notified_at = None;
-        self.error_notified_at = None;
+        self.last_refresh_at = MaybeTime::some(now);
+        self.reauth_notified_at = MaybeTime::NONE;
+        self.error_notified_at = MaybeTime::NONE;
     }
 
     fn row(&self, name: &str) -> ClientRow {
@@ -191,13 +222,13 @@ impl ClientState {
             status: self.status.as_str().to_string(),
             fingerprint: self.fingerprint.clone(),
             reason: self.reason.clone(),
-            last_refresh_at: self.last_refresh_at,
+            last_refresh_at: self.last_refresh_at.get(),
             last_error: self.last_error.clone(),
             failures: self.failures,
-            removed_at: self.removed_at,
+            removed_at: self.removed_at.get(),
             updated_at: now_ms(),
-            warned_for: self.warned_for,
-            refresh_started_at: self.refresh_started_at,
+            warned_for: self.warned_for.get(),
+            refresh_started_at: self.refresh_started_at.get(),
         }
     }
 }
@@ -429,6 +460,7 @@ impl Registry {
                         let due = client
                             .state()
                             .next_refresh_at
+                            .get()
                             .is_some_and(|at| at <= now_ms());
                         if due {
                             let _ = registry.refresh(&client, Trigger::Scheduled).await;
@@ -658,8 +690,8 @@ impl Registry {
             let mut st = client.state();
             if st.status != Status::Disabled {
                 st.status = Status::Disabled;
-                st.removed_at = Some(now);
-                st.next_refresh_at = None;
+                st.removed_at = MaybeTime::some(now);
+                st.next_refresh_at = MaybeTime::NONE;
                 writes.push(Write::Client(st.row(&client.name)));
                 writes.push(event(
                     &client.name,
@@ -700,7 +732,7 @@ impl Registry {
             *client.config.write().unwrap_or_else(|p| p.into_inner()) = cfg.clone();
             let mut st = client.state();
             if was_disabled {
-                st.removed_at = None;
+                st.removed_at = MaybeTime::NONE;
                 st.status = restored_status(&st, cfg);
                 changes.push(format!("{name}: back in the configuration"));
             }
@@ -797,7 +829,7 @@ impl Registry {
                         .filter(|end| !warned(&st, &cfg, *end))
                         .map(|end| end - cfg.refresh.warn_before.as_millis() as i64);
                     // A refresh cut short by a stop: find out now whether its token survived.
-                    if st.interrupted_at.is_some() {
+                    if st.interrupted_at.get().is_some() {
                         Some(now_ms())
                     } else {
                         scheduler::next_refresh(
@@ -811,16 +843,16 @@ impl Registry {
                 }
                 None => None,
             },
-            Status::Retrying => st.next_refresh_at.or_else(|| Some(now_ms())),
+            Status::Retrying => st.next_refresh_at.get().or_else(|| Some(now_ms())),
             // A client that needs no user gets its first token by itself.
             Status::Unauthorized if cfg.grant.unattended() => Some(now_ms()),
             _ => None,
         };
-        st.next_refresh_at = at;
+        st.next_refresh_at = at.into();
         // The next reminder that the user is still needed.
         let remind_at = match (
             st.status,
-            st.reauth_notified_at,
+            st.reauth_notified_at.get(),
             self.config().notify.repeat,
         ) {
             (Status::NeedsReauth | Status::Unauthorized, Some(told), Some(every)) => {
@@ -857,7 +889,7 @@ impl Registry {
             if warned(&st, &cfg, end) || end - cfg.refresh.warn_before.as_millis() as i64 > now {
                 return;
             }
-            st.warned_for = Some(end);
+            st.warned_for = MaybeTime::some(end);
             let left =
                 humantime::format_duration(Duration::from_secs((end - now).max(0) as u64 / 1000));
             let message = format!(
@@ -890,10 +922,10 @@ impl Registry {
             {
                 let mut st = client.state();
                 let by = |t: i64| t + jump;
-                st.next_refresh_at = st.next_refresh_at.map(by);
-                st.reauth_notified_at = st.reauth_notified_at.map(by);
-                st.error_notified_at = st.error_notified_at.map(by);
-                let moved = st.clock.map_or(0, |read_on| current - read_on);
+                st.next_refresh_at = st.next_refresh_at.get().map(by).into();
+                st.reauth_notified_at = st.reauth_notified_at.get().map(by).into();
+                st.error_notified_at = st.error_notified_at.get().map(by).into();
+                let moved = st.clock.get().map_or(0, |read_on| current - read_on);
                 let generation = st.generation;
                 if moved != 0
                     && let Some(token) = st.token.as_mut()
@@ -904,8 +936,8 @@ impl Registry {
                         token: Some((token.clone(), generation)),
                     });
                 }
-                if st.clock.is_some() {
-                    st.clock = Some(current);
+                if st.clock.get().is_some() {
+                    st.clock = MaybeTime::some(current);
                 }
             }
             self.schedule_from_state(&client);
@@ -1045,7 +1077,7 @@ impl Registry {
             }
             // A consumer asking again and again must not defeat the backoff.
             if let (Trigger::Demand(_), Status::Retrying, Some(at)) =
-                (trigger, st.status, st.next_refresh_at)
+                (trigger, st.status, st.next_refresh_at.get())
                 && at > now
             {
                 return Err(RegistryError::Server {
@@ -1073,12 +1105,12 @@ impl Registry {
         {
             let intent = {
                 let mut st = client.state();
-                st.refresh_started_at = Some(now_ms());
+                st.refresh_started_at = MaybeTime::some(now_ms());
                 st.row(&client.name)
             };
             if let Err(e) = self.store.commit(vec![Write::Client(intent)]).await {
                 drop(permit);
-                client.state().refresh_started_at = None;
+                client.state().refresh_started_at = MaybeTime::NONE;
                 let e = GrantError::transient(format!(
                     "cannot record the refresh before sending it (its answer could not be saved either): {e}"
                 ));
@@ -1245,7 +1277,7 @@ impl Registry {
             self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(client = %client.name, "token obtained but not saved, sinks not written: {e}");
             let retry = now_ms() + client.config().refresh.retry_initial.as_millis() as i64;
-            client.state().next_refresh_at = Some(retry);
+            client.state().next_refresh_at = MaybeTime::some(retry);
             self.scheduler.set(client.name.clone(), retry);
             return Ok(token);
         }
@@ -1285,13 +1317,14 @@ impl Registry {
         let (writes, notice, result) = {
             let mut st = client.state();
             let disabled = st.status == Status::Disabled;
-            st.refresh_started_at = None;
+            st.refresh_started_at = MaybeTime::NONE;
             let interrupted = st
                 .interrupted_at
+                .get()
                 .filter(|_| e.class == ErrorClass::NeedsUser);
             let message = match interrupted {
                 Some(at) => {
-                    st.interrupted_at = None;
+                    st.interrupted_at = MaybeTime::NONE;
                     format!(
                         "the daemon stopped during a refresh ({}) after the server answered and before the answer was saved; the server had already replaced the refresh token: {message}",
                         crate::token::show_time(at)
@@ -1308,10 +1341,10 @@ impl Registry {
                         Status::Unauthorized
                     };
                     st.reason = Some(message.clone());
-                    st.next_refresh_at = None;
-                    let tell = time_to_tell(st.reauth_notified_at, repeat, now);
+                    st.next_refresh_at = MaybeTime::NONE;
+                    let tell = time_to_tell(st.reauth_notified_at.get(), repeat, now);
                     if tell {
-                        st.reauth_notified_at = Some(now);
+                        st.reauth_notified_at = MaybeTime::some(now);
                     }
                     tracing::warn!(client = %client.name, "needs authorization: {message}");
                     let kind = if interrupted.is_some() {
@@ -1341,14 +1374,14 @@ impl Registry {
                         e.retry_after,
                         scheduler::draw(),
                     );
-                    st.next_refresh_at = Some(now + delay.as_millis() as i64);
+                    st.next_refresh_at = MaybeTime::some(now + delay.as_millis() as i64);
                     tracing::warn!(client = %client.name, failures = st.failures, retry_in = ?delay, "refresh failed: {message}");
                     // Settings errors are worth telling at once; passing outages after a few
                     // tries; either once per incident, or again after `notify.repeat`.
                     let tell = (e.class == ErrorClass::Config || st.failures >= error_after)
-                        && time_to_tell(st.error_notified_at, repeat, now);
+                        && time_to_tell(st.error_notified_at.get(), repeat, now);
                     if tell {
-                        st.error_notified_at = Some(now);
+                        st.error_notified_at = MaybeTime::some(now);
                     }
                     let notice = tell.then(|| {
                         let mut n = self.notice(Kind::Error, cfg, &message);
@@ -1371,7 +1404,7 @@ impl Registry {
             if disabled {
                 // Removed from the config while the request was out: stays removed, untold.
                 st.status = Status::Disabled;
-                st.next_refresh_at = None;
+                st.next_refresh_at = MaybeTime::NONE;
                 (outcome.0, None, outcome.2)
             } else {
                 outcome
@@ -1421,11 +1454,11 @@ impl Registry {
         let notice = {
             let mut st = client.state();
             let waiting = matches!(st.status, Status::NeedsReauth | Status::Unauthorized)
-                && st.reauth_notified_at.is_some();
-            if !waiting || !time_to_tell(st.reauth_notified_at, repeat, now) {
+                && st.reauth_notified_at.get().is_some();
+            if !waiting || !time_to_tell(st.reauth_notified_at.get(), repeat, now) {
                 return;
             }
-            st.reauth_notified_at = Some(now);
+            st.reauth_notified_at = MaybeTime::some(now);
             let reason = st.reason.clone().unwrap_or_else(|| "not authorized".into());
             self.notice(
                 Kind::ReauthNeeded,
@@ -2055,7 +2088,7 @@ impl Registry {
             st.reason = Some(format!(
                 "{detail}: run `oauth2mci authorize {name}` to use it again"
             ));
-            st.next_refresh_at = None;
+            st.next_refresh_at = MaybeTime::NONE;
             st.failures = 0;
             vec![
                 Write::Client(st.row(name)),
@@ -2145,30 +2178,30 @@ fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
         fingerprint: String::new(),
         reason: None,
         failures: 0,
-        last_refresh_at: None,
+        last_refresh_at: MaybeTime::NONE,
         last_error: None,
-        next_refresh_at: None,
-        removed_at: None,
-        reauth_notified_at: None,
-        error_notified_at: None,
-        warned_for: None,
-        clock: None,
-        refresh_started_at: None,
-        interrupted_at: None,
+        next_refresh_at: MaybeTime::NONE,
+        removed_at: MaybeTime::NONE,
+        reauth_notified_at: MaybeTime::NONE,
+        error_notified_at: MaybeTime::NONE,
+        warned_for: MaybeTime::NONE,
+        clock: MaybeTime::NONE,
+        refresh_started_at: MaybeTime::NONE,
+        interrupted_at: MaybeTime::NONE,
     };
     if let Some(s) = stored {
         st.fingerprint = s.row.fingerprint;
-        st.warned_for = s.row.warned_for;
-        st.refresh_started_at = s.row.refresh_started_at;
-        st.interrupted_at = s.row.refresh_started_at;
+        st.warned_for = s.row.warned_for.into();
+        st.refresh_started_at = s.row.refresh_started_at.into();
+        st.interrupted_at = s.row.refresh_started_at.into();
         st.reason = s.row.reason;
         st.failures = s.row.failures;
-        st.last_refresh_at = s.row.last_refresh_at;
+        st.last_refresh_at = s.row.last_refresh_at.into();
         st.last_error = s.row.last_error;
         st.status = Status::parse(&s.row.status).unwrap_or(Status::Unauthorized);
         // Only the user can change these; being told once per incident is enough, even
         // across restarts.
-        st.reauth_notified_at = matches!(st.status, Status::NeedsReauth).then(now_ms);
+        st.reauth_notified_at = matches!(st.status, Status::NeedsReauth).then(now_ms).into();
         if let Some((token, generation)) = s.token {
             st.token = Some(token);
             st.generation = generation;
@@ -2239,7 +2272,9 @@ fn grant_end(cfg: &ClientConfig, token: &TokenSet) -> Option<i64> {
 /// (LinkedIn) lands a little apart each time: the same end within the warning window.
 fn warned(st: &ClientState, cfg: &ClientConfig, end: i64) -> bool {
     let window = cfg.refresh.warn_before.as_millis() as i64;
-    st.warned_for.is_some_and(|w| (w - end).abs() <= window)
+    st.warned_for
+        .get()
+        .is_some_and(|w| (w - end).abs() <= window)
 }
 
 /// Whether an incident told at `told_at` (if ever) is to be told now: the first time, and again
@@ -2286,8 +2321,8 @@ fn info(c: &Client) -> ClientInfo {
             .map(|ms| ms.div_euclid(1000)),
         has_refresh_token: token.is_some_and(|t| t.refresh_token.is_some()),
         grant_ends_at: token.and_then(|t| grant_end(&cfg, t)),
-        last_refresh_at: st.last_refresh_at,
-        next_refresh_at: st.next_refresh_at,
+        last_refresh_at: st.last_refresh_at.get(),
+        next_refresh_at: st.next_refresh_at.get(),
         last_error: st.last_error.clone(),
         failures: st.failures,
         scopes: cfg.scopes.to_vec(),
