@@ -1122,12 +1122,27 @@ struct Resolver<'a> {
     // foldhash, not SipHash: each is hashed for every client at start-up (8 % of the time
     // with SipHash), and the file is trusted input.
     endpoints: std::cell::RefCell<FastSet<Arc<Endpoints>>>,
+    /// The same, by the text of their URLs: clients of one provider share them, and parsing
+    /// and checking the URLs again was a tenth of resolving a client.
+    endpoints_by_text:
+        std::cell::RefCell<HashMap<FilledEndpoints, Arc<Endpoints>, foldhash::fast::RandomState>>,
     scopes: std::cell::RefCell<FastSet<Arc<[String]>>>,
     refresh_policies:
         std::cell::RefCell<HashMap<PolicyKey, Arc<RefreshPolicy>, foldhash::fast::RandomState>>,
 }
 
 type FastSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
+
+/// A client's endpoint templates, filled with its variables.
+#[derive(PartialEq, Eq, Hash)]
+struct FilledEndpoints {
+    token: String,
+    authorize: Option<String>,
+    refresh: Option<String>,
+    device_authorization: Option<String>,
+    /// Still holding `{refresh_token}` or `{access_token}`.
+    revoke: Option<String>,
+}
 
 impl<'a> Resolver<'a> {
     fn new(src: &'a str, file: &'a Path) -> Resolver<'a> {
@@ -1137,6 +1152,7 @@ impl<'a> Resolver<'a> {
             dir: file.parent().unwrap_or(Path::new("/")),
             profiles: Default::default(),
             endpoints: Default::default(),
+            endpoints_by_text: Default::default(),
             scopes: Default::default(),
             refresh_policies: Default::default(),
         }
@@ -1444,61 +1460,72 @@ impl<'a> Resolver<'a> {
             }
             other => err(&["provider"], other.to_string()),
         })?;
-        let vars: BTreeMap<String, String> = [
-            ("base_url", &rc.base_url),
-            ("tenant", &rc.tenant),
-            ("domain", &rc.domain),
-            ("region", &rc.region),
-            ("version", &rc.version),
-            ("realm", &rc.realm),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.0.clone())))
-        .chain([("client_id".to_string(), client_id.clone())])
-        .collect();
-        let endpoint =
-            |template: &Option<String>, field: &'static str| -> Result<Option<Url>, ConfigError> {
-                let Some(t) = template else { return Ok(None) };
-                let filled = provider::fill_template(t, &vars, &[])
-                    .map_err(|m| err(&["provider"], format!("{field}: {m}")))?;
-                let url = Url::parse(&filled).map_err(|e| {
-                    err(
-                        &["provider"],
-                        format!("{field} {filled:?} is not a URL: {e}"),
-                    )
-                })?;
-                check_endpoint_security(&url)
-                    .map_err(|m| err(&["provider"], format!("{field}: {m}")))?;
-                Ok(Some(url))
-            };
-        let token = endpoint(&profile.token_url, "token_url")?.ok_or_else(|| {
-            err(
-                &["provider"],
-                "no token endpoint: name a provider with one, or set provider.token_url".into(),
-            )
-        })?;
-        let authorize = endpoint(&profile.authorize_url, "authorize_url")?;
-        let refresh_url = endpoint(&profile.refresh_url, "refresh_url")?.unwrap_or(token.clone());
-        let device_authorization = endpoint(
+        let templates = [
+            &profile.token_url,
+            &profile.authorize_url,
+            &profile.refresh_url,
             &profile.device_authorization_url,
-            "device_authorization_url",
-        )?;
-        // The token itself goes in later; the rest is checked now with a stand-in.
-        const LATE: [&str; 2] = ["refresh_token", "access_token"];
-        let revoke = match &profile.revoke_url {
-            Some(t) => {
-                let filled = provider::fill_template(t, &vars, &LATE)
-                    .map_err(|m| err(&["provider"], format!("revoke_url: {m}")))?;
-                let probe = Some(
-                    filled
-                        .replace("{refresh_token}", "T")
-                        .replace("{access_token}", "T"),
-                );
-                endpoint(&probe, "revoke_url")?;
-                Some(filled)
-            }
-            None => None,
+            &profile.revoke_url,
+        ];
+        // Most profiles name fixed URLs: no variables to gather for them.
+        let templated = templates
+            .iter()
+            .any(|t| t.as_ref().is_some_and(|t| t.contains('{')));
+        let vars: BTreeMap<String, String> = if !templated {
+            BTreeMap::new()
+        } else {
+            [
+                ("base_url", &rc.base_url),
+                ("tenant", &rc.tenant),
+                ("domain", &rc.domain),
+                ("region", &rc.region),
+                ("version", &rc.version),
+                ("realm", &rc.realm),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.0.clone())))
+            .chain([("client_id".to_string(), client_id.clone())])
+            .collect()
         };
+        // The token itself goes in a revocation URL later; the rest is filled now.
+        const LATE: [&str; 2] = ["refresh_token", "access_token"];
+        let fill = |template: &Option<String>, field: &str, late: &[&str]| {
+            template
+                .as_ref()
+                .map(|t| provider::fill_template(t, &vars, late))
+                .transpose()
+                .map_err(|m| err(&["provider"], format!("{field}: {m}")))
+        };
+        let filled = FilledEndpoints {
+            token: fill(&profile.token_url, "token_url", &[])?.ok_or_else(|| {
+                err(
+                    &["provider"],
+                    "no token endpoint: name a provider with one, or set provider.token_url".into(),
+                )
+            })?,
+            authorize: fill(&profile.authorize_url, "authorize_url", &[])?,
+            refresh: fill(&profile.refresh_url, "refresh_url", &[])?,
+            device_authorization: fill(
+                &profile.device_authorization_url,
+                "device_authorization_url",
+                &[],
+            )?,
+            revoke: fill(&profile.revoke_url, "revoke_url", &LATE)?,
+        };
+        let known = self.endpoints_by_text.borrow().get(&filled).cloned();
+        let endpoints = match known {
+            Some(endpoints) => endpoints,
+            None => {
+                let endpoints = self.endpoints(&filled).map_err(|m| err(&["provider"], m))?;
+                let endpoints = intern(&self.endpoints, endpoints);
+                self.endpoints_by_text
+                    .borrow_mut()
+                    .insert(filled, endpoints.clone());
+                endpoints
+            }
+        };
+        let authorize = &endpoints.authorize;
+        let device_authorization = &endpoints.device_authorization;
         if rc.grant == Grant::AuthorizationCode && authorize.is_none() {
             return Err(err(
                 &["provider"],
@@ -1702,16 +1729,7 @@ impl<'a> Resolver<'a> {
             name: name.into(),
             provider: provider_label,
             profile,
-            endpoints: intern(
-                &self.endpoints,
-                Endpoints {
-                    authorize,
-                    token,
-                    refresh: refresh_url,
-                    revoke,
-                    device_authorization,
-                },
-            ),
+            endpoints,
             grant: rc.grant,
             client_id,
             jwt: jwt.map(Box::new),
@@ -1733,6 +1751,38 @@ impl<'a> Resolver<'a> {
         };
         client.identity = client.identity_hash();
         Ok(client)
+    }
+
+    /// The endpoints named by `filled`, checked: URLs, and credentials over https only.
+    fn endpoints(&self, filled: &FilledEndpoints) -> Result<Endpoints, String> {
+        let url = |filled: &str, field: &str| -> Result<Url, String> {
+            let url =
+                Url::parse(filled).map_err(|e| format!("{field} {filled:?} is not a URL: {e}"))?;
+            check_endpoint_security(&url).map_err(|m| format!("{field}: {m}"))?;
+            Ok(url)
+        };
+        let optional = |filled: &Option<String>, field: &str| {
+            filled.as_deref().map(|f| url(f, field)).transpose()
+        };
+        let token = url(&filled.token, "token_url")?;
+        let authorize = optional(&filled.authorize, "authorize_url")?;
+        let refresh = optional(&filled.refresh, "refresh_url")?.unwrap_or_else(|| token.clone());
+        let device_authorization =
+            optional(&filled.device_authorization, "device_authorization_url")?;
+        if let Some(revoke) = &filled.revoke {
+            // Checked with a stand-in for the token that goes in when revoking.
+            let probe = revoke
+                .replace("{refresh_token}", "T")
+                .replace("{access_token}", "T");
+            url(&probe, "revoke_url")?;
+        }
+        Ok(Endpoints {
+            authorize,
+            token,
+            refresh,
+            revoke: filled.revoke.clone(),
+            device_authorization,
+        })
     }
 
     /// `policy`, or the same one another client already holds.
