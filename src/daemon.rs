@@ -231,6 +231,10 @@ async fn serve(
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     crate::heap::release_free_pages();
     let watchdog = tokio::spawn(watchdog(shutdown.clone()));
+    let releaser = registry.clone();
+    let after_waves = tokio::spawn(async move {
+        crate::heap::release_after_waves(&releaser.counters, releaser.shutdown.clone()).await
+    });
 
     shutdown.cancelled().await;
     tracing::info!("shutting down");
@@ -242,6 +246,8 @@ async fn serve(
     }
     api.stop().await;
     watchdog.abort();
+    // It saw the shutdown too; it holds the registry, which must go before the store closes.
+    let _ = after_waves.await;
     // A grant request in flight may rotate the refresh token: give it time to land in the store.
     tasks.close();
     let grace = registry.config().limits.request_timeout + Duration::from_secs(5);

@@ -318,6 +318,8 @@ impl Client {
 pub struct Counters {
     pub refresh_ok: AtomicU64,
     pub refresh_failed: AtomicU64,
+    /// Told when a refresh ends, either way (`heap::release_after_waves` waits for it).
+    pub refresh_ended: tokio::sync::Notify,
     pub authorizations: AtomicU64,
     pub sink_errors: AtomicU64,
     pub store_errors: AtomicU64,
@@ -1282,6 +1284,7 @@ impl Registry {
             return Ok(token);
         }
         self.counters.refresh_ok.fetch_add(1, Ordering::Relaxed);
+        self.counters.refresh_ended.notify_one();
         self.schedule_from_state(client);
         tracing::info!(client = %client.name, expires_in = token.remaining(now).map(|ms| ms / 1000), "{how}");
         // The sinks of now: a reload during the commit may have changed them.
@@ -1304,6 +1307,7 @@ impl Registry {
         e: GrantError,
     ) -> RegistryError {
         self.counters.refresh_failed.fetch_add(1, Ordering::Relaxed);
+        self.counters.refresh_ended.notify_one();
         let now = now_ms();
         let message = e.to_string();
         let mut e = e;

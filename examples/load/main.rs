@@ -452,8 +452,12 @@ fn refresh(bin: &Path, runs: usize) -> Outcome {
         let (first, last) =
             wait_refreshed(&setup, &server, CLIENTS as u64, Duration::from_secs(300))?;
         let rate = CLIENTS as f64 / (last - first).as_secs_f64();
+        let after = daemon.rss_kib() / 1024;
+        // The daemon hands the wave's memory back once the pace has fallen (heap.rs): one
+        // window of 10 s with the wave, one without.
+        std::thread::sleep(Duration::from_secs(25));
         eprintln!(
-            "run {}: {CLIENTS} durable refreshes in {:.2} s: {rate:.0}/s (RSS after {} MiB)",
+            "run {}: {CLIENTS} durable refreshes in {:.2} s: {rate:.0}/s (RSS after {after} MiB, 25 s later {} MiB)",
             run + 1,
             (last - first).as_secs_f64(),
             daemon.rss_kib() / 1024
