@@ -18,7 +18,6 @@ use serde::de::DeserializeOwned;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 /// Exit codes; scripts rely on them.
@@ -139,18 +138,19 @@ impl Failure {
     }
 }
 
-/// Runs the command line; `daemon_side` runs the commands that need the daemon's code:
-/// `in_process` in the daemon binary, `exec_daemon_binary` in the small client.
-pub fn main(daemon_side: fn(DaemonCommand) -> Result<(), Failure>) -> ExitCode {
+/// Runs the command line and gives the exit status; `daemon_side` runs the commands that
+/// need the daemon's code: `in_process` in the daemon binary, `exec_daemon_binary` in the
+/// small client.
+pub fn main(daemon_side: fn(DaemonCommand) -> Result<(), Failure>) -> u8 {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() {
+            return if e.use_stderr() {
                 exit::USAGE
             } else {
                 exit::OK
-            });
+            };
         }
     };
     if !matches!(
@@ -168,10 +168,10 @@ pub fn main(daemon_side: fn(DaemonCommand) -> Result<(), Failure>) -> ExitCode {
         };
     }
     match run(cli, daemon_side) {
-        Ok(()) => ExitCode::from(exit::OK),
+        Ok(()) => exit::OK,
         Err(f) => {
             eprintln!("oauth2mci: {}", f.message);
-            ExitCode::from(f.code)
+            f.code
         }
     }
 }
@@ -526,13 +526,16 @@ pub fn request(
             format!("talking to the daemon at {}: {e}", socket.display()),
         )
     };
+    // No write timeout: a request of a hundred bytes on a new connection fits in the socket's
+    // buffer whatever the daemon does, and each system call counts for `oauth2mci token`.
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
-    stream.set_write_timeout(Some(timeout)).map_err(io)?;
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: oauth2mci\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
     );
     stream.write_all(head.as_bytes()).map_err(io)?;
-    let mut raw = Vec::new();
+    // Room for a whole token answer at once: from an empty buffer, read_to_end reads 32, 32,
+    // 64, 128... bytes, one system call each.
+    let mut raw = Vec::with_capacity(4096);
     stream.read_to_end(&mut raw).map_err(io)?;
     parse_response(&raw)
         .map_err(|e| Failure::new(exit::ERROR, format!("the daemon's answer is not HTTP: {e}")))
