@@ -146,8 +146,9 @@ impl MaybeTime {
 }
 
 impl From<Option<i64>> for MaybeTime {
+    /// Also for times read from the store: a row holding `i64::MIN` reads as none.
     fn from(at: Option<i64>) -> MaybeTime {
-        at.map_or(MaybeTime::NONE, MaybeTime::some)
+        at.map_or(MaybeTime::NONE, MaybeTime)
     }
 }
 
@@ -2395,6 +2396,16 @@ fn trim_slash(s: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_maybe_time_is_half_an_optional_one_and_reads_back() {
+        assert_eq!(std::mem::size_of::<MaybeTime>(), 8);
+        for at in [None, Some(0), Some(-5), Some(1_764_460_800_000)] {
+            assert_eq!(MaybeTime::from(at).get(), at);
+        }
+        // A stored row can hold anything: the one value taken for none reads as none.
+        assert_eq!(MaybeTime::from(Some(i64::MIN)).get(), None);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn scheduled_starts_are_spaced_by_the_rate_limit() {
