@@ -349,7 +349,10 @@ impl Endpoint {
     }
 
     /// Waits for the next start slot: slots are `1/rate` apart, so that no burst reaches the
-    /// server however many refreshes fall due together.
+    /// server however many refreshes fall due together. A slot is also taken only once a
+    /// request may go out (a permit is free): a backlog of scheduled refreshes then waits
+    /// here, one at a time, and not in the permits' queue, where a consumer's own refresh
+    /// (which takes no slot) would wait behind all of it when the server is slow.
     async fn wait_for_start(&self) {
         // Timers tick by the millisecond: a slot due within one is taken now, or a rate
         // above 1,000/s could never be reached. At most a millisecond's worth goes together.
@@ -361,6 +364,10 @@ impl Endpoint {
         if slot > now + SLACK {
             tokio::time::sleep_until(slot).await;
         }
+        // Only a wait: the refresh takes its permit later, after its client's flight lock,
+        // as every refresh does (taking it here could deadlock against a consumer's refresh
+        // that holds the flight lock and waits for a permit).
+        drop(self.permits.acquire().await);
         let started = tokio::time::Instant::now();
         *next = (slot + spacing).max(started.checked_sub(SLACK).unwrap_or(started));
     }
@@ -2434,6 +2441,45 @@ mod tests {
             tokio::time::Instant::now() - quiet,
             Duration::from_millis(5)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_consumer_waits_behind_one_scheduled_refresh_not_the_backlog() {
+        // One request at a time, and it is slow: the scheduled refreshes back up.
+        let endpoint = Arc::new(Endpoint::new(1, 1_000));
+        let slow = endpoint
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("open");
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let refresh = |who: &'static str, scheduled: bool| {
+            let (endpoint, order) = (endpoint.clone(), order.clone());
+            tokio::spawn(async move {
+                if scheduled {
+                    endpoint.wait_for_start().await;
+                }
+                let permit = endpoint.permits.clone().acquire_owned().await;
+                order.lock().expect("order").push(who);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                drop(permit);
+            })
+        };
+        let backlog: Vec<_> = (0..10).map(|_| refresh("scheduled", true)).collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let consumer = refresh("consumer", false);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(slow);
+        consumer.await.expect("the consumer's refresh");
+        for task in backlog {
+            task.await.expect("a scheduled refresh");
+        }
+        let order = order.lock().expect("order").clone();
+        // Without the wait for a permit in the slot, all ten were queued before it: last.
+        let at = order.iter().position(|w| *w == "consumer");
+        assert!(at.is_some_and(|i| i <= 1), "{order:?}");
+        assert_eq!(order.len(), 11);
     }
 
     #[test]
