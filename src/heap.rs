@@ -9,7 +9,6 @@
 //! the wave has passed and its free pages are handed back (`release_after_waves`).
 
 use crate::registry::Counters;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -37,11 +36,7 @@ pub async fn release_after_waves(counters: &Counters, shutdown: CancellationToke
 }
 
 async fn after_waves(counters: &Counters, shutdown: CancellationToken, release: fn()) {
-    let ended = || {
-        counters.refresh_ok.load(Ordering::Relaxed)
-            + counters.refresh_failed.load(Ordering::Relaxed)
-    };
-    let mut released_at = ended();
+    let mut released_at = counters.refreshes_ended();
     // The count when last looked at: what ended while asleep belongs to the first window.
     let mut seen = released_at;
     let mut busiest = 0;
@@ -56,7 +51,7 @@ async fn after_waves(counters: &Counters, shutdown: CancellationToken, release: 
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(WINDOW) => {}
             }
-            let now = ended();
+            let now = counters.refreshes_ended();
             let in_window = now - seen;
             seen = now;
             busiest = busiest.max(in_window);
@@ -81,7 +76,7 @@ async fn after_waves(counters: &Counters, shutdown: CancellationToken, release: 
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     static RELEASES: AtomicUsize = AtomicUsize::new(0);
 
@@ -98,8 +93,9 @@ mod tests {
             tokio::spawn(async move { after_waves(&counters, shutdown, count_release).await })
         };
         let end = |n: u64| {
-            counters.refresh_ok.fetch_add(n, Ordering::Relaxed);
-            counters.refresh_ended.notify_one();
+            for _ in 0..n {
+                counters.count_refresh(true);
+            }
         };
         let released = || RELEASES.load(Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(60)).await;

@@ -328,6 +328,24 @@ pub struct Counters {
     pub reload_errors: AtomicU64,
 }
 
+impl Counters {
+    /// Counts a refresh that ended, and tells whoever waits for one.
+    pub fn count_refresh(&self, ok: bool) {
+        let counter = if ok {
+            &self.refresh_ok
+        } else {
+            &self.refresh_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.refresh_ended.notify_one();
+    }
+
+    /// Refreshes ended so far, either way.
+    pub fn refreshes_ended(&self) -> u64 {
+        self.refresh_ok.load(Ordering::Relaxed) + self.refresh_failed.load(Ordering::Relaxed)
+    }
+}
+
 /// One token endpoint's limits: grant requests in flight, and the pace of scheduled ones.
 struct Endpoint {
     /// `limits.per_endpoint_concurrency` and `per_endpoint_rate` it was made with.
@@ -1291,8 +1309,7 @@ impl Registry {
             self.scheduler.set(client.name.clone(), retry);
             return Ok(token);
         }
-        self.counters.refresh_ok.fetch_add(1, Ordering::Relaxed);
-        self.counters.refresh_ended.notify_one();
+        self.counters.count_refresh(true);
         self.schedule_from_state(client);
         tracing::info!(client = %client.name, expires_in = token.remaining(now).map(|ms| ms / 1000), "{how}");
         // The sinks of now: a reload during the commit may have changed them.
@@ -1314,8 +1331,7 @@ impl Registry {
         cfg: &ClientConfig,
         e: GrantError,
     ) -> RegistryError {
-        self.counters.refresh_failed.fetch_add(1, Ordering::Relaxed);
-        self.counters.refresh_ended.notify_one();
+        self.counters.count_refresh(false);
         let now = now_ms();
         let message = e.to_string();
         let mut e = e;
