@@ -1144,6 +1144,39 @@ struct FilledEndpoints {
     revoke: Option<String>,
 }
 
+impl FilledEndpoints {
+    /// The endpoints these name, checked: URLs, and credentials over https only.
+    fn checked(&self) -> Result<Endpoints, String> {
+        let url = |text: &str, field: &str| -> Result<Url, String> {
+            let url =
+                Url::parse(text).map_err(|e| format!("{field} {text:?} is not a URL: {e}"))?;
+            check_endpoint_security(&url).map_err(|m| format!("{field}: {m}"))?;
+            Ok(url)
+        };
+        let optional =
+            |text: &Option<String>, field: &str| text.as_deref().map(|t| url(t, field)).transpose();
+        let token = url(&self.token, "token_url")?;
+        let authorize = optional(&self.authorize, "authorize_url")?;
+        let refresh = optional(&self.refresh, "refresh_url")?.unwrap_or_else(|| token.clone());
+        let device_authorization =
+            optional(&self.device_authorization, "device_authorization_url")?;
+        if let Some(revoke) = &self.revoke {
+            // Checked with a stand-in for the token that goes in when revoking.
+            let probe = revoke
+                .replace("{refresh_token}", "T")
+                .replace("{access_token}", "T");
+            url(&probe, "revoke_url")?;
+        }
+        Ok(Endpoints {
+            authorize,
+            token,
+            refresh,
+            revoke: self.revoke.clone(),
+            device_authorization,
+        })
+    }
+}
+
 impl<'a> Resolver<'a> {
     fn new(src: &'a str, file: &'a Path) -> Resolver<'a> {
         Resolver {
@@ -1516,7 +1549,7 @@ impl<'a> Resolver<'a> {
         let endpoints = match known {
             Some(endpoints) => endpoints,
             None => {
-                let endpoints = self.endpoints(&filled).map_err(|m| err(&["provider"], m))?;
+                let endpoints = filled.checked().map_err(|m| err(&["provider"], m))?;
                 let endpoints = intern(&self.endpoints, endpoints);
                 self.endpoints_by_text
                     .borrow_mut()
@@ -1751,38 +1784,6 @@ impl<'a> Resolver<'a> {
         };
         client.identity = client.identity_hash();
         Ok(client)
-    }
-
-    /// The endpoints named by `filled`, checked: URLs, and credentials over https only.
-    fn endpoints(&self, filled: &FilledEndpoints) -> Result<Endpoints, String> {
-        let url = |filled: &str, field: &str| -> Result<Url, String> {
-            let url =
-                Url::parse(filled).map_err(|e| format!("{field} {filled:?} is not a URL: {e}"))?;
-            check_endpoint_security(&url).map_err(|m| format!("{field}: {m}"))?;
-            Ok(url)
-        };
-        let optional = |filled: &Option<String>, field: &str| {
-            filled.as_deref().map(|f| url(f, field)).transpose()
-        };
-        let token = url(&filled.token, "token_url")?;
-        let authorize = optional(&filled.authorize, "authorize_url")?;
-        let refresh = optional(&filled.refresh, "refresh_url")?.unwrap_or_else(|| token.clone());
-        let device_authorization =
-            optional(&filled.device_authorization, "device_authorization_url")?;
-        if let Some(revoke) = &filled.revoke {
-            // Checked with a stand-in for the token that goes in when revoking.
-            let probe = revoke
-                .replace("{refresh_token}", "T")
-                .replace("{access_token}", "T");
-            url(&probe, "revoke_url")?;
-        }
-        Ok(Endpoints {
-            authorize,
-            token,
-            refresh,
-            revoke: filled.revoke.clone(),
-            device_authorization,
-        })
     }
 
     /// `policy`, or the same one another client already holds.
