@@ -1,6 +1,6 @@
 // Malformed configurations, each with the `line:column` and a fragment of the one-line error it
 // must produce. Shared by the unit test (`src/config/tests.rs`, parsed in-process) and the
-// integration test (`tests/bad_configs.rs`, sent to a running daemon that must keep serving).
+// integration test (`tests/it/bad_configs.rs`, sent to a running daemon that must keep serving).
 // Each entry is a whole config file.
 &[
     ("clients: [", "1:10", "expected a map from client name"),

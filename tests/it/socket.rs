@@ -1,8 +1,7 @@
 //! The socket API and CLI without an authorization server: concurrency (a stalled client delays
 //! nobody), JSON errors, exit codes, socket permissions, one daemon per state folder, metrics.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;

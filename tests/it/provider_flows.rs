@@ -4,8 +4,7 @@
 //! authorization server is wiremock; the browser's part is a request to the daemon's redirect
 //! listener with the code, as the server would redirect it.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use std::time::Duration;
 use wiremock::matchers::{body_partial_json, method, path};

@@ -3,8 +3,7 @@
 //! row, not once per retry; `on_refresh` for consumers that reload, with the token only for a
 //! client that opts in.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::time::Duration;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};

@@ -2,8 +2,7 @@
 //! 7009) then forgotten with its token files; a server that cannot revoke keeps the tokens unless
 //! `--local` is given.
 
-mod common;
-use common::*;
+use crate::common::*;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 

@@ -5,8 +5,7 @@
 //! user with that reason recorded: the refresh intent written before each request lets the
 //! next start recognise the case.
 
-mod common;
-use common::*;
+use crate::common::*;
 use rand::Rng;
 use std::time::Duration;
 

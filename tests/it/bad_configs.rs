@@ -2,12 +2,11 @@
 //! in-process) sent to a running daemon: each is refused with file:line:column in one line, and
 //! the configuration that was running keeps serving its token throughout.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_config_is_refused_while_the_running_one_keeps_serving() {
-    let cases: &[(&str, &str, &str)] = include!("data/bad_configs.rs");
+    let cases: &[(&str, &str, &str)] = include!("../data/bad_configs.rs");
     assert!(cases.len() >= 60, "the table shrank to {}", cases.len());
 
     let server = AuthServer::start(ServerOptions::default());

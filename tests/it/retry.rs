@@ -2,8 +2,7 @@
 //! consumer asking again and again does not defeat the backoff, and recovery is automatic. Uses
 //! the client_credentials grant, which needs no user, so the daemon starts on its own.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::time::{Duration, Instant};
 use wiremock::matchers::{body_string_contains, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};

@@ -1,7 +1,6 @@
 //! Test harness: a real authorization server (oidc-provider under node), the real `oauth2mci`
 //! binary as a daemon, its CLI, and its socket. Everything listens on 127.0.0.1 or a Unix socket
 //! in a temporary folder, and every process is stopped when its handle drops.
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;

@@ -2,8 +2,7 @@
 //! the SQLite file, a start without the key is refused with its id and changes nothing, and a key
 //! rotation (new key current, old key listed) completes at the next start with no authorization.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::process::Command;
 use std::time::Duration;
 

@@ -3,8 +3,7 @@
 //! every token the database ever held and the client secret are looked for everywhere the
 //! daemon writes words.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 /// The tokens the daemon holds now, from its database.
 fn tokens_in_db(daemon: &Daemon) -> Vec<String> {

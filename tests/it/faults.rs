@@ -5,8 +5,7 @@
 //! what went wrong, backs off, and recovers by itself when the server does; a healthy client
 //! beside it is not delayed.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;

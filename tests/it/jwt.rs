@@ -2,8 +2,7 @@
 //! authentication checked by oidc-provider, and the JWT bearer grant of Google service accounts
 //! against a fake token endpoint that verifies the signature and claims as Google documents.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::time::Duration;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};

@@ -2,8 +2,7 @@
 //! a mix-up (wrong `iss`, RFC 9207), the browser never comes back; and a fixed redirect port.
 //! Each time the CLI reports the exact reason and exits 7.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

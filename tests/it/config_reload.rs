@@ -2,8 +2,7 @@
 //! (file watcher with editor-style renames, SIGHUP, `oauth2mci reload`), where a bad edit changes
 //! nothing and good edits add, remove, rewrite sinks and catch identity changes.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::process::Command;
 use std::time::Duration;
 

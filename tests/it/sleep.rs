@@ -3,8 +3,7 @@
 //! Clock jumps are tested with a fake clock in `scheduler`'s unit tests: setting this machine's
 //! clock from a test would disturb everything else running on it.
 
-mod common;
-use common::*;
+use crate::common::*;
 use nix::sys::signal::Signal;
 use std::time::{Duration, Instant};
 

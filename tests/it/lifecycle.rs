@@ -2,8 +2,7 @@
 //! tokens in files and over the socket, scheduled refresh without storms, restart after SIGTERM
 //! and kill -9 without a new authorization, and clean shutdown.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,8 +2,7 @@
 //! to end (a code typed at the provider's page), and against wiremock for the polling answers a
 //! real server rarely gives (`slow_down`, `expired_token`).
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
