@@ -279,6 +279,14 @@ impl Engine {
                 token.extra.insert(field.clone(), Value::String(v.clone()));
             }
         }
+        // What the redirect added is checked like the rest of the answer.
+        crate::token::check_token_bytes(&token, client.profile.access_token_chars).map_err(
+            |m| {
+                GrantError::transient(format!(
+                    "the authorization redirect: {m}; nothing was stored"
+                ))
+            },
+        )?;
         Ok(token)
     }
 
@@ -764,11 +772,17 @@ pub fn interpret(
     now: i64,
 ) -> Result<TokenSet, GrantError> {
     let fields = checked_fields(profile, &format!("token endpoint {url}"), answer)?;
-    token_from_fields(profile, &fields, now).map_err(|m| {
-        GrantError::transient(format!(
-            "token endpoint {url}: {m}; the previous token stays in use"
-        ))
-    })
+    token_from_fields(profile, &fields, now)
+        .and_then(|token| {
+            // A broken or hostile server's bytes go no further than here.
+            crate::token::check_token_bytes(&token, profile.access_token_chars)?;
+            Ok(token)
+        })
+        .map_err(|m| {
+            GrantError::transient(format!(
+                "token endpoint {url}: {m}; the previous token stays in use"
+            ))
+        })
 }
 
 /// The fields of a successful answer, or the error it carries (classified), or why it cannot be
@@ -1037,6 +1051,10 @@ fn token_from_fields(
             ));
         }
     };
+    // The type as sent is checked before it is read: a garbled one is a garbled answer.
+    if let Some(t) = text("token_type") {
+        crate::token::check_token_type(&t)?;
+    }
     // Slack says `bot` or `user`: not HTTP schemes, and its tokens are sent as Bearer.
     let token_type = match text("token_type") {
         Some(t) if ["dpop", "mac", "pop"].contains(&t.to_ascii_lowercase().as_str()) => t.into(),

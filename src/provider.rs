@@ -8,6 +8,7 @@
 //! their merge and that check; it does no I/O.
 
 use crate::config::values::Dur;
+use crate::token::TokenChars;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
@@ -269,6 +270,9 @@ profile_fields! {
     keep_fields: Vec<String> = Vec::new();
     /// Query parameters of the authorization redirect kept with the token (`realmId`).
     callback_fields: Vec<String> = Vec::new();
+    /// The characters an access token may hold; a token with any other is refused like a
+    /// garbled answer. RFC 6750's `b64token` unless the server is known to go beyond it.
+    access_token_chars: TokenChars = TokenChars::B64token;
 
     // 10. Access-token expiry.
     /// The fields that say when the access token expires, first found wins.

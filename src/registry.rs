@@ -2230,7 +2230,15 @@ fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
         // Only the user can change these; being told once per incident is enough, even
         // across restarts.
         st.reauth_notified_at = matches!(st.status, Status::NeedsReauth).then(now_ms).into();
-        if let Some((token, generation)) = s.token {
+        if let Some((mut token, generation)) = s.token {
+            if let Err(why) =
+                crate::token::check_token_bytes(&token, cfg.profile.access_token_chars)
+            {
+                // Stored by a version that did not check, or written into the database by
+                // hand: never served, and renewed at once where it can be.
+                tracing::warn!(client = %cfg.name, "the stored token is not served: {why}");
+                token.expires_at = Some(0);
+            }
             st.token = Some(token);
             st.generation = generation;
         }

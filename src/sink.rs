@@ -19,12 +19,29 @@ pub struct SinkError {
     pub message: String,
 }
 
-/// The bytes of a sink file.
-pub fn render(format: SinkFormat, client: &str, token: &TokenSet) -> String {
+/// The bytes of a sink file, or why this token cannot be written in this format. Each format
+/// is unable to carry more than the token: `raw` and `header` are one line, `json` is JSON, and
+/// `env` quotes every value so that `sh`'s `.`, bash's `source`, systemd's `EnvironmentFile=`
+/// and `env -S` all read back exactly the value and evaluate nothing. Tokens are checked when
+/// they arrive (`token::check_token_bytes`); these checks hold whatever reaches them.
+pub fn render(format: SinkFormat, client: &str, token: &TokenSet) -> Result<String, String> {
     let at = token.access_token.expose();
+    let one_line = |what: &str, v: &str| {
+        if v.is_empty() || v.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            Err(format!(
+                "the {what} is empty or holds a space or a control character; not written"
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    one_line("access token", at)?;
     match format {
-        SinkFormat::Raw => format!("{at}\n"),
-        SinkFormat::Header => format!("Authorization: {} {at}\n", token.token_type),
+        SinkFormat::Raw => Ok(format!("{at}\n")),
+        SinkFormat::Header => {
+            one_line("token type", &token.token_type)?;
+            Ok(format!("Authorization: {} {at}\n", token.token_type))
+        }
         SinkFormat::Json => {
             let mut v = serde_json::json!({
                 "access_token": at,
@@ -40,28 +57,56 @@ pub fn render(format: SinkFormat, client: &str, token: &TokenSet) -> String {
                     serde_json::Value::Object(token.extra.clone()),
                 );
             }
-            format!("{v}\n")
+            Ok(format!("{v}\n"))
         }
         SinkFormat::Env => {
-            let prefix: String = client
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() {
-                        c.to_ascii_uppercase()
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
+            let prefix = env_prefix(client);
             let mut out = format!(
-                "{prefix}_ACCESS_TOKEN={at}\n{prefix}_TOKEN_TYPE={}\n",
-                token.token_type
+                "{prefix}_ACCESS_TOKEN={}\n{prefix}_TOKEN_TYPE={}\n",
+                env_quoted(at)?,
+                env_quoted(&token.token_type)?
             );
             if let Some(exp) = token.expires_at {
-                out.push_str(&format!("{prefix}_EXPIRES_AT={}\n", exp / 1000));
+                out.push_str(&format!("{prefix}_EXPIRES_AT='{}'\n", exp / 1000));
             }
-            out
+            Ok(out)
         }
+    }
+}
+
+/// The variables' prefix: the client's name in capitals, anything but letters and digits as `_`
+/// (a name may start with a digit, which no variable may).
+fn env_prefix(client: &str) -> String {
+    let name: String = client
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if name.starts_with(|c: char| c.is_ascii_digit()) {
+        format!("_{name}")
+    } else {
+        name
+    }
+}
+
+/// `value` in single quotes, which `sh`, systemd's `EnvironmentFile=` and `env -S` all take
+/// literally, `$`, backquotes and double quotes included. The two bytes they do not agree on
+/// inside single quotes, `'` itself and `\` (an escape for `env -S`), and anything that is not
+/// visible ASCII, cannot be written so that all three read the same: refused.
+fn env_quoted(value: &str) -> Result<String, String> {
+    match value
+        .bytes()
+        .find(|b| !matches!(b, b' '..=b'~') || matches!(b, b'\'' | b'\\'))
+    {
+        None => Ok(format!("'{value}'")),
+        Some(_) => Err(
+            "the token holds a quote, a backslash or a byte outside visible ASCII, which an env file cannot carry for every reader; not written (use the raw or json format)".into(),
+        ),
     }
 }
 
@@ -113,9 +158,10 @@ pub fn make_dir(dir: &Path, group: Option<u32>) -> Result<(), String> {
 
 /// Writes one sink atomically.
 pub fn write(sink: &SinkConfig, client: &str, token: &TokenSet) -> Result<(), SinkError> {
+    let bytes = render(sink.format, client, token).map_err(|m| err(&sink.path, m))?;
     write_bytes(
         &sink.path,
-        render(sink.format, client, token).as_bytes(),
+        bytes.as_bytes(),
         sink.mode,
         sink.group.as_ref().map(|g| g.gid),
     )
@@ -230,6 +276,7 @@ mod tests {
     #[test]
     fn formats() {
         let t = token();
+        let render = |f, c, t| render(f, c, t).unwrap();
         assert_eq!(render(SinkFormat::Raw, "x", &t), "AT\n");
         assert_eq!(
             render(SinkFormat::Header, "x", &t),
@@ -237,8 +284,9 @@ mod tests {
         );
         assert_eq!(
             render(SinkFormat::Env, "gmail-work", &t),
-            "GMAIL_WORK_ACCESS_TOKEN=AT\nGMAIL_WORK_TOKEN_TYPE=Bearer\nGMAIL_WORK_EXPIRES_AT=1700000000\n"
+            "GMAIL_WORK_ACCESS_TOKEN='AT'\nGMAIL_WORK_TOKEN_TYPE='Bearer'\nGMAIL_WORK_EXPIRES_AT='1700000000'\n"
         );
+        assert!(render(SinkFormat::Env, "2fa", &t).starts_with("_2FA_ACCESS_TOKEN="));
         let json: serde_json::Value =
             serde_json::from_str(&render(SinkFormat::Json, "x", &t)).unwrap();
         assert_eq!(json["expires_at"], 1_700_000_000);
@@ -246,6 +294,43 @@ mod tests {
             !render(SinkFormat::Json, "x", &t).contains("RT"),
             "sinks never carry the refresh token"
         );
+    }
+
+    #[test]
+    fn no_format_carries_more_than_the_token() {
+        let mut t = token();
+        for bad in ["a\nB=1", "a\rb", "a b", "a\0b", ""] {
+            t.access_token = Secret::new(bad);
+            for format in [
+                SinkFormat::Raw,
+                SinkFormat::Header,
+                SinkFormat::Env,
+                SinkFormat::Json,
+            ] {
+                assert!(
+                    super::render(format, "x", &t).is_err(),
+                    "{bad:?} as {format:?}"
+                );
+            }
+        }
+        // Visible ASCII that shells would evaluate is quoted; what cannot be quoted for every
+        // reader is refused.
+        t.access_token = Secret::new("$(id)`id`\"x\"");
+        assert_eq!(
+            super::render(SinkFormat::Env, "x", &t)
+                .unwrap()
+                .lines()
+                .next(),
+            Some("X_ACCESS_TOKEN='$(id)`id`\"x\"'")
+        );
+        for bad in ["it's", "back\\slash", "caf\u{e9}"] {
+            t.access_token = Secret::new(bad);
+            assert!(super::render(SinkFormat::Env, "x", &t).is_err(), "{bad:?}");
+        }
+        t.access_token = Secret::new("AT");
+        t.token_type = "Bearer\r\nX-Injected: 1".into();
+        assert!(super::render(SinkFormat::Header, "x", &t).is_err());
+        assert!(super::render(SinkFormat::Env, "x", &t).is_err());
     }
 
     #[test]

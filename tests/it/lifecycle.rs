@@ -42,7 +42,7 @@ async fn authorize_refresh_restart_and_stop() {
         std::fs::read_to_string(daemon.path("run/tokens/mail.env"))
             .unwrap()
             .starts_with(&format!(
-                "MAIL_ACCESS_TOKEN={token}\nMAIL_TOKEN_TYPE=Bearer\n"
+                "MAIL_ACCESS_TOKEN='{token}'\nMAIL_TOKEN_TYPE='Bearer'\n"
             ))
     );
     assert_eq!(

@@ -12,6 +12,7 @@ mod crash;
 mod device;
 mod encryption;
 mod faults;
+mod hostile_tokens;
 mod jwt;
 mod leaks;
 mod lifecycle;
