@@ -198,6 +198,8 @@ async fn serve(
         config.socket.group.as_ref().map(|g| g.gid),
     )
     .map_err(start)?;
+    // The state folder and the socket exist now: known by identity from here on.
+    config.protected.refresh();
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let registry = Registry::start(

@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod device;
 pub mod fast_path;
+pub mod files;
 pub mod heap;
 pub mod jwt;
 pub mod notify;

@@ -1503,10 +1503,11 @@ impl Registry {
             return;
         }
         let client = name.to_string();
+        let protected = self.config().protected.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             sinks
                 .iter()
-                .filter_map(|s| sink::write(s, &client, &token).err())
+                .filter_map(|s| sink::write(s, &client, &token, &protected).err())
                 .collect::<Vec<_>>()
         })
         .await;
@@ -1527,10 +1528,11 @@ impl Registry {
         if sinks.is_empty() {
             return;
         }
+        let protected = self.config().protected.clone();
         let errors = tokio::task::spawn_blocking(move || {
             sinks
                 .iter()
-                .filter_map(|s| sink::clear(s).err())
+                .filter_map(|s| sink::clear(s, &protected).err())
                 .map(|e| e.to_string())
                 .collect::<Vec<_>>()
         })

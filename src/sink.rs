@@ -6,10 +6,11 @@
 //! yet committed to the store: `registry` calls it only after the commit returned.
 
 use crate::config::{SinkConfig, SinkFormat};
+pub use crate::files::make_dir;
+use crate::files::{Place, Protected};
 use crate::token::TokenSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -110,69 +111,56 @@ fn env_quoted(value: &str) -> Result<String, String> {
     }
 }
 
-/// Creates `dir` and its missing parents, private to the daemon's user (0700). With `group`, the
-/// folders this call creates are given to that group with mode 0710: members can open a file
-/// whose name they know (the socket, a token file shared with them) but cannot list the folder.
-/// Folders that already exist are left as their owner set them; if the group cannot enter the
-/// last one, a warning says what to change.
-pub fn make_dir(dir: &Path, group: Option<u32>) -> Result<(), String> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
-    if missing.is_empty() {
-        // The common case (every sink write after the first): nothing to create.
-        if let Some(gid) = group {
-            let meta =
-                fs::metadata(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
-            let group_enters = meta.gid() == gid && meta.mode() & 0o010 != 0;
-            if !group_enters && meta.mode() & 0o001 == 0 {
-                tracing::warn!(
-                    "group {gid} cannot enter {} (mode {:o}, group {}): run `chgrp {gid} {0}; chmod g+x {0}` to share what is in it",
-                    dir.display(),
-                    meta.mode() & 0o7777,
-                    meta.gid()
-                );
-            }
-        }
-        return Ok(());
-    }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| format!("cannot create folder {}: {e}", dir.display()))?;
-    let Some(gid) = group else {
-        return Ok(());
-    };
-    for created in &missing {
-        std::os::unix::fs::chown(created, None, Some(gid)).map_err(|e| {
-            format!(
-                "cannot give folder {} to group {gid}: {e}",
-                created.display()
-            )
-        })?;
-        fs::set_permissions(created, fs::Permissions::from_mode(0o710))
-            .map_err(|e| format!("cannot set the mode of {}: {e}", created.display()))?;
-    }
-    Ok(())
+/// What a token file may not touch, and how strictly its folder is judged.
+#[derive(Clone, Copy)]
+pub struct Guard<'a> {
+    pub protected: &'a Protected,
+    /// Refuse a folder other users can write (`files::folder_is_safe`).
+    pub strict: bool,
 }
 
 /// Writes one sink atomically.
-pub fn write(sink: &SinkConfig, client: &str, token: &TokenSet) -> Result<(), SinkError> {
+pub fn write(
+    sink: &SinkConfig,
+    client: &str,
+    token: &TokenSet,
+    protected: &Protected,
+) -> Result<(), SinkError> {
     let bytes = render(sink.format, client, token).map_err(|m| err(&sink.path, m))?;
+    let guard = Guard {
+        protected,
+        strict: sink.strict,
+    };
     write_bytes(
         &sink.path,
         bytes.as_bytes(),
         sink.mode,
         sink.group.as_ref().map(|g| g.gid),
+        guard,
     )
 }
 
-/// Removes a sink's file (after revocation or when a token may no longer be used).
-pub fn clear(sink: &SinkConfig) -> Result<(), SinkError> {
-    match fs::remove_file(&sink.path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(err(&sink.path, format!("cannot remove: {e}"))),
+/// Removes a sink's file (after revocation or when a token may no longer be used): only a
+/// regular file that is not one of the daemon's own, however the path now leads.
+pub fn clear(sink: &SinkConfig, protected: &Protected) -> Result<(), SinkError> {
+    let path = &sink.path;
+    let (dir, name) = split(path)?;
+    let folder = match open_folder(dir) {
+        Ok(folder) => folder,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(err(path, format!("cannot open its folder: {e}"))),
+    };
+    let place = Place::in_open_folder(&folder, name)
+        .map_err(|e| err(path, format!("cannot look at it: {e}")))?;
+    if place.existing.is_none() {
+        return Ok(());
+    }
+    protected
+        .check_target(&place)
+        .map_err(|m| err(path, format!("not removed: it {m}")))?;
+    match nix::unistd::unlinkat(&folder, name, nix::unistd::UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+        Err(e) => Err(err(path, format!("cannot remove: {e}"))),
     }
 }
 
@@ -183,79 +171,122 @@ fn err(path: &Path, message: String) -> SinkError {
     }
 }
 
+fn split(path: &Path) -> Result<(&Path, &std::ffi::OsStr), SinkError> {
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => Ok((dir, name)),
+        _ => Err(err(path, "names no file in a folder".into())),
+    }
+}
+
+fn open_folder(dir: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECTORY)
+        .open(dir)
+}
+
+/// Writes `bytes` to `path` atomically: a new file beside it, written and synced, renamed over
+/// the old one, and the folder synced. Every step goes through the folder opened once, which
+/// is checked first (`guard`): a folder or link swapped meanwhile cannot send the write
+/// elsewhere.
 pub fn write_bytes(
     path: &Path,
     bytes: &[u8],
     mode: u32,
     gid: Option<u32>,
+    guard: Guard,
 ) -> Result<(), SinkError> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| err(path, "has no parent folder".into()))?;
+    let (dir, name) = split(path)?;
     make_dir(dir, gid).map_err(|m| err(path, m))?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("token");
-    let tmp = dir.join(format!(".{name}.{}.tmp", crate::oauth::random_token(6)));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(|e| err(path, format!("cannot create {}: {e}", tmp.display())))?;
-        // The umask may have narrowed the mode given to open(); set it exactly.
-        fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))
-            .map_err(|e| err(path, format!("cannot set mode: {e}")))?;
-        if let Some(gid) = gid {
-            std::os::unix::fs::fchown(&f, None, Some(gid))
-                .map_err(|e| err(path, format!("cannot give the file to group {gid}: {e}")))?;
-        }
-        f.write_all(bytes)
-            .map_err(|e| err(path, format!("write failed: {e}")))?;
-        f.sync_all()
-            .map_err(|e| err(path, format!("fsync failed: {e}")))?;
-        fs::rename(&tmp, path).map_err(|e| err(path, format!("rename failed: {e}")))?;
-        // The rename is durable only once the folder itself is synced.
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| err(path, format!("folder fsync failed: {e}")))
-    })();
+    let folder = open_folder(dir).map_err(|e| err(path, format!("cannot open its folder: {e}")))?;
+    if guard.strict {
+        check_open_folder(&folder, dir).map_err(|m| {
+            err(
+                path,
+                format!("{m}; not written (strict_modes: false allows it)"),
+            )
+        })?;
+    }
+    let place = Place::in_open_folder(&folder, name)
+        .map_err(|e| err(path, format!("cannot look at it: {e}")))?;
+    guard
+        .protected
+        .check_target(&place)
+        .map_err(|m| err(path, format!("not written: it {m}")))?;
+    let tmp = format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        crate::oauth::random_token(6)
+    );
+    let result = write_in(&folder, &tmp, name, bytes, mode, gid).map_err(|m| err(path, m));
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = nix::unistd::unlinkat(
+            &folder,
+            tmp.as_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        );
     }
     result
+}
+
+/// The folder open as `folder` (found at `dir`) and the folders above it, judged as
+/// `files::folder_is_safe` does: the open one by its descriptor.
+fn check_open_folder(folder: &File, dir: &Path) -> Result<(), String> {
+    let meta = folder
+        .metadata()
+        .map_err(|e| format!("cannot read its folder: {e}"))?;
+    crate::files::check_one_folder(dir, &meta, true)?;
+    match crate::files::resolve(dir).parent() {
+        Some(above) => crate::files::folder_is_safe_above(above),
+        None => Ok(()),
+    }
+}
+
+fn write_in(
+    folder: &File,
+    tmp: &str,
+    name: &std::ffi::OsStr,
+    bytes: &[u8],
+    mode: u32,
+    gid: Option<u32>,
+) -> Result<(), String> {
+    use nix::fcntl::OFlag;
+    use std::os::fd::AsFd;
+    let flags =
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = nix::fcntl::openat(
+        folder.as_fd(),
+        tmp,
+        flags,
+        nix::sys::stat::Mode::from_bits_truncate(mode),
+    )
+    .map_err(|e| format!("cannot create {tmp}: {e}"))?;
+    let mut f = File::from(fd);
+    // The umask may have narrowed the mode given to open(); set it exactly.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .map_err(|e| format!("cannot set mode: {e}"))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::fchown(&f, None, Some(gid))
+            .map_err(|e| format!("cannot give the file to group {gid}: {e}"))?;
+    }
+    f.write_all(bytes)
+        .map_err(|e| format!("write failed: {e}"))?;
+    f.sync_all().map_err(|e| format!("fsync failed: {e}"))?;
+    nix::fcntl::renameat(folder.as_fd(), tmp, folder.as_fd(), name)
+        .map_err(|e| format!("rename failed: {e}"))?;
+    // The rename is durable only once the folder itself is synced.
+    folder
+        .sync_all()
+        .map_err(|e| format!("folder fsync failed: {e}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::secret::Secret;
+    use std::fs;
     use std::os::unix::fs::PermissionsExt;
-
-    #[test]
-    fn folders_are_shared_with_a_group_only_when_created_here() {
-        use std::os::unix::fs::MetadataExt;
-        let dir = tempfile::tempdir().unwrap();
-        let gid = nix::unistd::getegid().as_raw();
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
-        // Created here: every new folder is the group's, 0710.
-        let nested = dir.path().join("new/sub");
-        make_dir(&nested, Some(gid)).unwrap();
-        assert_eq!(
-            (mode(&dir.path().join("new")), mode(&nested)),
-            (0o710, 0o710)
-        );
-        assert_eq!(std::fs::metadata(&nested).unwrap().gid(), gid);
-        // Already there: left as its owner set it.
-        let existing = dir.path().join("existing");
-        std::fs::create_dir(&existing).unwrap();
-        std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o750)).unwrap();
-        make_dir(&existing, Some(gid)).unwrap();
-        assert_eq!(mode(&existing), 0o750);
-        // Without a group: private.
-        let private = dir.path().join("private/x");
-        make_dir(&private, None).unwrap();
-        assert_eq!(mode(&private), 0o700);
-    }
 
     fn token() -> TokenSet {
         TokenSet {
@@ -337,8 +368,13 @@ mod tests {
     fn atomic_write_replaces_with_exact_mode_and_leaves_no_temp_files() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("deep/er/tok");
-        write_bytes(&path, b"one", 0o600, None).unwrap();
-        write_bytes(&path, b"two", 0o640, None).unwrap();
+        let protected = Protected::default();
+        let guard = Guard {
+            protected: &protected,
+            strict: true,
+        };
+        write_bytes(&path, b"one", 0o600, None, guard).unwrap();
+        write_bytes(&path, b"two", 0o640, None, guard).unwrap();
         assert_eq!(fs::read_to_string(&path).unwrap(), "two");
         assert_eq!(
             fs::metadata(&path).unwrap().permissions().mode() & 0o777,

@@ -68,6 +68,12 @@ pub struct Config {
     /// The text of every setting but the clients: a reload keeps the clients whose own text
     /// did not change either.
     pub source: SourceText,
+    /// Whether token files are refused in folders other users can write (`strict_modes`, the
+    /// default for every sink).
+    pub strict_modes: bool,
+    /// The daemon's own files, which no token file may replace: the state folder, the socket,
+    /// this file and every file it reads.
+    pub protected: Arc<crate::files::Protected>,
 }
 
 /// A hash of the text a part of the configuration was read from, for a reload to keep what
@@ -262,6 +268,8 @@ pub struct SinkConfig {
     pub format: SinkFormat,
     pub mode: u32,
     pub group: Option<Group>,
+    /// Refuse to write it in a folder other users can write (`strict_modes`).
+    pub strict: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -418,6 +426,7 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     encryption: RawEncryption,
+    strict_modes: Option<bool>,
     clients: ClientMap,
 }
 
@@ -637,6 +646,7 @@ struct RawSink {
     format: SinkFormat,
     mode: Option<FileMode>,
     group: Option<NonEmpty>,
+    strict_modes: Option<bool>,
 }
 
 /// Where a secret comes from.
@@ -874,9 +884,7 @@ fn by_blocks(
                 return None;
             }
             let keepable = rc.keepable();
-            let mut client = resolver
-                .client(&name, rc, &global_refresh, &config.paths)
-                .ok()?;
+            let mut client = resolver.client(&name, rc, &global_refresh, &config).ok()?;
             client.source = SourceText(keepable.then_some(block.hash));
             slots[i] = Some(Arc::new(client));
         }
@@ -929,6 +937,7 @@ fn by_blocks(
             return None;
         }
     }
+    resolver.protect(&mut config).ok()?;
     Some(config)
 }
 
@@ -956,10 +965,11 @@ fn parse_announcing(
     settings_known(&config, clients.0.len());
     let mut sinks = SinkOwners::default();
     for (name, rc) in clients.0 {
-        let client = resolver.client(&name, rc, &global_refresh, &config.paths)?;
+        let client = resolver.client(&name, rc, &global_refresh, &config)?;
         sinks.claim(&resolver, &client)?;
         config.clients.insert(client.name.clone(), Arc::new(client));
     }
+    resolver.protect(&mut config)?;
     Ok(config)
 }
 
@@ -1129,6 +1139,9 @@ struct Resolver<'a> {
     scopes: std::cell::RefCell<FastSet<Arc<[String]>>>,
     refresh_policies:
         std::cell::RefCell<HashMap<PolicyKey, Arc<RefreshPolicy>, foldhash::fast::RandomState>>,
+    /// The files secrets were read from, with the setting that names each: no token file may
+    /// replace them.
+    read_files: std::cell::RefCell<Vec<(PathBuf, String)>>,
 }
 
 type FastSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
@@ -1188,6 +1201,7 @@ impl<'a> Resolver<'a> {
             endpoints_by_text: Default::default(),
             scopes: Default::default(),
             refresh_policies: Default::default(),
+            read_files: Default::default(),
         }
     }
 
@@ -1350,6 +1364,8 @@ impl<'a> Resolver<'a> {
             encryption,
             clients: BTreeMap::new(),
             source: SourceText::default(),
+            strict_modes: raw.strict_modes.unwrap_or(true),
+            protected: Arc::default(),
         };
         Ok((config, raw.refresh, raw.clients))
     }
@@ -1381,6 +1397,79 @@ impl<'a> Resolver<'a> {
             .map(|(i, s)| key(s, &["encryption", "old_keys", &i.to_string()]))
             .collect::<Result<_, _>>()?;
         Ok(crate::seal::Keys { current, old })
+    }
+
+    /// The daemon's own files (this one, the socket, the state folder, every file read), and
+    /// every token file checked against them, against each other and, with `strict_modes`,
+    /// for a folder others could write: by what the paths lead to, not by their text.
+    fn protect(&self, config: &mut Config) -> Result<(), ConfigError> {
+        use crate::files::{FileId, Folder, Place, Protected};
+        let db = config.paths.database();
+        let beside = |suffix: &str| PathBuf::from(format!("{}{suffix}", db.display()));
+        // The folder is protected whole; its files by name too, so that a hard link to one of
+        // them, anywhere, is found.
+        let mut files = vec![
+            (config.file.clone(), "the configuration".to_string()),
+            (
+                config.paths.socket.clone(),
+                "the daemon's own socket".to_string(),
+            ),
+            (db.clone(), "the database".to_string()),
+            (beside("-wal"), "the database's write-ahead log".to_string()),
+            (beside("-shm"), "the database's shared memory".to_string()),
+            (beside("-journal"), "the database's journal".to_string()),
+            (
+                config.paths.state_dir.join("lock"),
+                "the state folder's lock".to_string(),
+            ),
+        ];
+        files.extend(self.read_files.borrow_mut().drain(..));
+        let folders = vec![(
+            config.paths.state_dir.clone(),
+            "the state folder (the database, its -wal and -shm files, the lock)".to_string(),
+        )];
+        let protected = Protected::new(files, folders);
+        let mut by_entry: HashMap<(Folder, std::ffi::OsString), (Arc<str>, usize)> = HashMap::new();
+        let mut by_file: HashMap<FileId, (Arc<str>, usize)> = HashMap::new();
+        let mut folders_judged: HashMap<PathBuf, Result<(), String>> = HashMap::new();
+        for client in config.clients.values() {
+            for (i, sink) in client.sinks.iter().enumerate() {
+                let index = i.to_string();
+                let at = ["clients", &client.name, "sinks", &index, "path"];
+                let fail = |m: String| self.error(&at, format!("{}: {m}", sink.path.display()));
+                let place = Place::of(&sink.path).map_err(&fail)?;
+                protected
+                    .check_target(&place)
+                    .map_err(|m| fail(format!("it {m}")))?;
+                let owner = (client.name.clone(), i);
+                let earlier = by_entry
+                    .insert((place.folder.clone(), place.name.clone()), owner.clone())
+                    .or_else(|| {
+                        place
+                            .existing
+                            .and_then(|(id, _)| by_file.insert(id, owner.clone()))
+                    });
+                if let Some((other, j)) = earlier {
+                    return Err(fail(format!(
+                        "is the file clients.{other}.sinks[{j}] writes, by another path"
+                    )));
+                }
+                if sink.strict {
+                    let folder = sink.path.parent().unwrap_or(Path::new("/")).to_path_buf();
+                    folders_judged
+                        .entry(folder.clone())
+                        .or_insert_with(|| crate::files::folder_is_safe(&folder))
+                        .clone()
+                        .map_err(|m| {
+                            fail(format!(
+                                "{m}; use a folder only this user can write, or set strict_modes: false"
+                            ))
+                        })?;
+                }
+            }
+        }
+        config.protected = Arc::new(protected);
+        Ok(())
     }
 
     fn refresh(
@@ -1457,8 +1546,9 @@ impl<'a> Resolver<'a> {
         name: &str,
         rc: RawClient,
         global_refresh: &RawRefresh,
-        paths: &Paths,
+        settings: &Config,
     ) -> Result<ClientConfig, ConfigError> {
+        let paths = &settings.paths;
         let at = |rest: &[&'static str]| -> Vec<String> {
             let mut v = vec!["clients".to_string(), name.to_string()];
             v.extend(rest.iter().map(|s| s.to_string()));
@@ -1707,13 +1797,6 @@ impl<'a> Resolver<'a> {
                 let p = ["clients", name, "sinks", &index, "path"];
                 return Err(self.error(&p, format!("{:?} names a folder, not a file", s.path.0)));
             }
-            if path == paths.socket || path == paths.database() || path == self.file {
-                let p = ["clients", name, "sinks", &index, "path"];
-                return Err(self.error(
-                    &p,
-                    "would overwrite the daemon's own socket, database or configuration",
-                ));
-            }
             let group = match s.group {
                 Some(g) => Some(self.group(&["clients", name, "sinks", &index, "group"], &g.0)?),
                 None => None,
@@ -1723,6 +1806,7 @@ impl<'a> Resolver<'a> {
                 format: s.format,
                 mode: s.mode.map_or(0o600, |m| m.0),
                 group,
+                strict: s.strict_modes.unwrap_or(settings.strict_modes),
             });
         }
 
@@ -1857,7 +1941,13 @@ impl<'a> Resolver<'a> {
         let value = match source {
             // A copy: the parsed text may live on a parser thread's heap (`by_blocks`).
             SecretSource::Inline(s) => s.as_str().to_owned(),
-            SecretSource::File(p) => crate::secret::from_file(&self.path(&p))?,
+            SecretSource::File(p) => {
+                let path = self.path(&p);
+                self.read_files
+                    .borrow_mut()
+                    .push((path.clone(), format!("the file {what} is read from")));
+                crate::secret::from_file(&path)?
+            }
             SecretSource::Env(var) => std::env::var(&var)
                 .map_err(|_| format!("environment variable {var} is not set (or not UTF-8)"))?,
             SecretSource::Command(argv, timeout) => crate::secret::from_command(&argv, timeout)?,
@@ -1868,7 +1958,11 @@ impl<'a> Resolver<'a> {
                 let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
                     format!("credential {name:?} needs systemd's CREDENTIALS_DIRECTORY (LoadCredential= in the unit)")
                 })?;
-                crate::secret::from_file(&PathBuf::from(dir).join(name))?
+                let path = PathBuf::from(dir).join(name);
+                self.read_files
+                    .borrow_mut()
+                    .push((path.clone(), format!("the credential {what} is read from")));
+                crate::secret::from_file(&path)?
             }
         };
         if value.is_empty() {

@@ -17,7 +17,7 @@ clients:
     scopes: [openid, offline_access]
     sinks:
       - { path: tokens/local, format: raw }
-      - { path: /tmp/x.json, format: json, mode: "0640" }
+      - { path: /var/cache/o/x.json, format: json, mode: "0640" }
 "#;
 
 /// As the daemon reads a file: through the client blocks, or the whole document.

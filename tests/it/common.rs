@@ -168,26 +168,35 @@ pub struct Daemon {
     pub config: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// Set in the daemon's environment, besides the harness's own.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl Daemon {
     /// A daemon whose config holds these settings (`paths` is added) and clients.
     pub fn start(settings: &str, clients: &str) -> Daemon {
+        let mut d = Daemon::prepare(settings, clients);
+        d.spawn();
+        d
+    }
+
+    /// `start` without starting it: its folder and config are written, for the test to add
+    /// files or environment first, then `spawn`.
+    pub fn prepare(settings: &str, clients: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.yaml");
         let yaml =
             format!("paths:\n  state: state\n  runtime: run\n{settings}\nclients:\n{clients}\n");
         std::fs::write(&config, yaml).unwrap();
-        let mut d = Daemon {
+        Daemon {
             socket: dir.path().join("run/oauth2mci.sock"),
             log: dir.path().join("daemon.log"),
             config,
             dir,
+            env: Vec::new(),
             child: None,
-        };
-        d.spawn();
-        d
+        }
     }
 
     pub fn path(&self, p: &str) -> PathBuf {
@@ -204,6 +213,7 @@ impl Daemon {
             .args(["daemon", "--config"])
             .arg(&self.config)
             .env("OAUTH2MCI_LOG", "oauth2mci=debug,info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

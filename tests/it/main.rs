@@ -17,6 +17,7 @@ mod jwt;
 mod leaks;
 mod lifecycle;
 mod notifications;
+mod own_files;
 mod profiles;
 mod provider_flows;
 mod quirks;

@@ -1,0 +1,277 @@
+//! A token file can never replace or remove one of the daemon's own files, however its path is
+//! spelled, through the real daemon: the database and everything beside it, the socket, the
+//! configuration and every file it reads, reached through links, `..`, `//`, hard links and
+//! folders swapped after the configuration was read. A target that is not a regular file is
+//! never replaced, and a folder other users can write is refused unless `strict_modes: false`.
+
+use crate::common::*;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+fn client(server: &MockServer, sinks: &str) -> String {
+    format!(
+        "  a:\n    provider: {{token_url: \"{}/token\"}}\n    grant: client_credentials\n    client_id: a\n    client_secret: {{file: secret}}\n    sinks:\n{sinks}  b:\n    provider: {{token_url: \"{}/token\"}}\n    grant: client_credentials\n    client_id: b\n    client_secret: {{credential: b-secret}}\n",
+        server.uri(),
+        server.uri()
+    )
+}
+
+const SETTINGS: &str = "encryption:\n  key: {file: key}\n";
+
+/// Identity and bytes of a file, to see that nothing replaced or changed it.
+fn fingerprint(path: &Path) -> (u64, u64, Vec<u8>) {
+    let meta = std::fs::symlink_metadata(path).unwrap();
+    let bytes = if meta.is_file() {
+        std::fs::read(path).unwrap()
+    } else {
+        Vec::new()
+    };
+    (meta.dev(), meta.ino(), bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_spelling_of_a_sink_path_reaches_the_daemons_own_files() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            serde_json::json!({"access_token": "tok-1", "token_type": "Bearer", "expires_in": 3600}),
+        ))
+        .mount(&server)
+        .await;
+    let mut daemon = Daemon::prepare(
+        SETTINGS,
+        &client(&server, "      - {path: tokens/a, format: raw}\n"),
+    );
+    let dir = std::fs::canonicalize(daemon.dir.path()).unwrap();
+    std::fs::write(dir.join("secret"), "s3cret\n").unwrap();
+    std::fs::write(dir.join("key"), format!("{}\n", "ab".repeat(32))).unwrap();
+    std::fs::create_dir(dir.join("creds")).unwrap();
+    std::fs::write(dir.join("creds/b-secret"), "other\n").unwrap();
+    daemon.env.push((
+        "CREDENTIALS_DIRECTORY".into(),
+        dir.join("creds").display().to_string(),
+    ));
+    daemon.spawn();
+    wait_for("the first tokens", Duration::from_secs(10), || {
+        daemon.status_of("a") == "valid" && daemon.status_of("b") == "valid"
+    });
+    let good = daemon.config_text();
+
+    // Ways to name the daemon's own files, prepared on disk.
+    std::os::unix::fs::symlink(dir.join("state"), dir.join("to-state")).unwrap();
+    std::os::unix::fs::symlink(&dir, dir.join("again")).unwrap();
+    std::fs::hard_link(dir.join("secret"), dir.join("hard-secret")).unwrap();
+    std::fs::hard_link(dir.join("state/state.db"), dir.join("hard-db")).unwrap();
+    nix::unistd::mkfifo(&dir.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let _other = std::os::unix::net::UnixListener::bind(dir.join("other.sock")).unwrap();
+    std::os::unix::fs::symlink(dir.join("elsewhere"), dir.join("a-link")).unwrap();
+    std::fs::create_dir(dir.join("shared")).unwrap();
+    std::fs::set_permissions(
+        dir.join("shared"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let own: Vec<PathBuf> = [
+        "state/state.db",
+        "state/state.db-wal",
+        "state/state.db-shm",
+        "state/lock",
+        "run/oauth2mci.sock",
+        "config.yaml",
+        "secret",
+        "key",
+        "creds/b-secret",
+        "fifo",
+        "other.sock",
+    ]
+    .iter()
+    .map(|p| dir.join(p))
+    .collect();
+    let before: Vec<_> = own
+        .iter()
+        .filter(|p| !p.ends_with("config.yaml"))
+        .map(|p| fingerprint(p))
+        .collect();
+
+    let d = dir.display();
+    let cases: Vec<(String, &str)> = vec![
+        (format!("{d}/state/state.db"), "state folder"),
+        (format!("{d}/run/../state/state.db-wal"), "state folder"),
+        (format!("{d}/to-state/state.db-shm"), "state folder"),
+        (format!("{d}//again/./state/lock"), "state folder"),
+        (format!("{d}/hard-db"), "the database"),
+        (
+            format!("{d}/again/run/oauth2mci.sock"),
+            "the daemon's own socket",
+        ),
+        (format!("{d}/again/config.yaml"), "the configuration"),
+        (format!("{d}/to-state/../secret"), "clients.a.client_secret"),
+        (format!("{d}/hard-secret"), "clients.a.client_secret"),
+        (format!("{d}/again/key"), "encryption.key"),
+        (
+            format!("{d}/creds/../creds/b-secret"),
+            "clients.b.client_secret",
+        ),
+        (format!("{d}/fifo"), "is a FIFO, not a regular file"),
+        (format!("{d}/other.sock"), "is a socket, not a regular file"),
+        (format!("{d}/run"), "is a folder, not a regular file"),
+        ("/dev/null".to_string(), "is a device, not a regular file"),
+        (
+            format!("{d}/a-link"),
+            "is a symbolic link, not a regular file",
+        ),
+        (format!("{d}/shared/tok"), "can be written by other users"),
+    ];
+    let file = daemon.config.display().to_string();
+    for (sink, why) in &cases {
+        let sinks = format!(
+            "      - {{path: tokens/a, format: raw}}\n      - {{path: \"{sink}\", format: raw}}\n"
+        );
+        let yaml = format!(
+            "paths:\n  state: state\n  runtime: run\n{SETTINGS}\nclients:\n{}\n",
+            client(&server, &sinks)
+        );
+        // Written in place: the watcher may see it too, and must refuse it alike.
+        std::fs::write(&daemon.config, &yaml).unwrap();
+        let o = std::process::Command::new(BIN)
+            .arg("check-config")
+            .arg(&daemon.config)
+            .env("CREDENTIALS_DIRECTORY", dir.join("creds"))
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{sink}: check-config accepted it");
+        let line = yaml
+            .lines()
+            .position(|l| l.contains(sink.as_str()))
+            .unwrap()
+            + 1;
+        assert!(
+            err.contains(&format!(":{line}:")) && err.contains(why),
+            "{sink}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        // The running daemon refuses it too, and keeps serving.
+        let o = daemon.cli(&["reload"]);
+        assert_eq!(o.status.code(), Some(1), "{sink}: reload accepted it");
+        assert!(
+            stderr(&o).contains(&format!("{file}:{line}:")),
+            "{}",
+            stderr(&o)
+        );
+        assert!(stderr(&o).contains(why), "{sink}: {}", stderr(&o));
+        assert_eq!(stdout(&daemon.cli(&["token", "a"])), "tok-1\n");
+    }
+    std::fs::write(&daemon.config, &good).unwrap();
+    assert_eq!(daemon.cli(&["reload"]).status.code(), Some(0));
+    let after: Vec<_> = own
+        .iter()
+        .filter(|p| !p.ends_with("config.yaml"))
+        .map(|p| fingerprint(p))
+        .collect();
+    for ((path, b), a) in own
+        .iter()
+        .filter(|p| !p.ends_with("config.yaml"))
+        .zip(&before)
+        .zip(&after)
+    {
+        // The database changes as the daemon works, but stays the same file.
+        if path.starts_with(dir.join("state")) {
+            assert_eq!((b.0, b.1), (a.0, a.1), "{} was replaced", path.display());
+        } else {
+            assert_eq!(b, a, "{} was changed", path.display());
+        }
+    }
+
+    // `strict_modes: false` on the sink says the shared folder is meant.
+    let sinks = format!(
+        "      - {{path: tokens/a, format: raw}}\n      - {{path: \"{d}/shared/tok\", format: raw, strict_modes: false}}\n"
+    );
+    daemon.rewrite_config(&format!(
+        "paths:\n  state: state\n  runtime: run\n{SETTINGS}\nclients:\n{}\n",
+        client(&server, &sinks)
+    ));
+    let o = daemon.cli(&["reload"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    wait_for(
+        "the token in the shared folder",
+        Duration::from_secs(10),
+        || std::fs::read_to_string(dir.join("shared/tok")).is_ok_and(|t| t == "tok-1\n"),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_swapped_after_loading_cannot_redirect_a_write_or_a_removal() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            serde_json::json!({"access_token": "tok-1", "token_type": "Bearer", "expires_in": 3600}),
+        ))
+        .mount(&server)
+        .await;
+    let sinks =
+        "      - {path: out/lock, format: raw}\n      - {path: out/state.db, format: raw}\n";
+    let mut daemon = Daemon::prepare("", &client(&server, sinks));
+    let dir = std::fs::canonicalize(daemon.dir.path()).unwrap();
+    std::fs::write(dir.join("secret"), "s3cret\n").unwrap();
+    std::fs::create_dir(dir.join("creds")).unwrap();
+    std::fs::write(dir.join("creds/b-secret"), "other\n").unwrap();
+    daemon.env.push((
+        "CREDENTIALS_DIRECTORY".into(),
+        dir.join("creds").display().to_string(),
+    ));
+    daemon.spawn();
+    wait_for("the token files", Duration::from_secs(10), || {
+        std::fs::read_to_string(dir.join("run/out/lock")).is_ok_and(|t| t == "tok-1\n")
+    });
+    let lock = fingerprint(&dir.join("state/lock"));
+    let db = fingerprint(&dir.join("state/state.db"));
+    // The token files' folder becomes a link to the state folder, where `lock` and `state.db`
+    // are the daemon's own.
+    std::fs::rename(dir.join("run/out"), dir.join("run/out.old")).unwrap();
+    std::os::unix::fs::symlink(dir.join("state"), dir.join("run/out")).unwrap();
+    let o = daemon.cli(&["refresh", "a"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    wait_for(
+        "the refused writes to be logged",
+        Duration::from_secs(10),
+        || {
+            daemon
+                .log_text()
+                .matches("not written: it would overwrite a file in the state folder")
+                .count()
+                >= 2
+        },
+    );
+    // Forgetting the tokens removes the token files: not through the link.
+    let (status, _) = daemon.request("DELETE", "/v1/clients/a/token").unwrap();
+    assert_eq!(status, 200);
+    wait_for(
+        "the refused removals to be logged",
+        Duration::from_secs(10),
+        || {
+            daemon
+                .log_text()
+                .matches("not removed: it would overwrite a file in the state folder")
+                .count()
+                >= 2
+        },
+    );
+    assert_eq!(
+        fingerprint(&dir.join("state/lock")),
+        lock,
+        "the lock was touched"
+    );
+    let now = fingerprint(&dir.join("state/state.db"));
+    assert_eq!((now.0, now.1), (db.0, db.1), "the database was replaced");
+    assert_eq!(
+        stdout(&daemon.cli(&["token", "b"])),
+        "tok-1\n",
+        "the daemon serves on"
+    );
+}
