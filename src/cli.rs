@@ -186,6 +186,8 @@ pub fn in_process(command: DaemonCommand) -> Result<(), Failure> {
         }
         DaemonCommand::CheckConfig { file } => {
             let file = file.unwrap_or_else(config::default_config_file);
+            // Ctrl-C while a secret command runs ends it too.
+            let _guard = crate::children::StopGuard::install();
             let c = config::load(&file).map_err(|e| Failure::new(exit::ERROR, e.to_string()))?;
             println!("{}: ok, {} client(s)", c.file.display(), c.clients.len());
             Ok(())

@@ -11,15 +11,16 @@ use crate::seal::Sealer;
 use crate::store::{Snapshot, Store, Write};
 use futures::StreamExt;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// How long after the last change to the config file a reload waits (editors write in bursts).
-const RELOAD_DEBOUNCE: Duration = Duration::from_millis(300);
+/// How long the process groups of hooks and secret commands get between SIGTERM and SIGKILL
+/// at shutdown.
+const CHILD_GRACE: Duration = Duration::from_secs(1);
 
 /// Why the daemon could not run; printed as one line.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,8 @@ pub enum DaemonError {
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
 pub fn run(config_file: &Path) -> Result<(), DaemonError> {
     let begun = std::time::Instant::now();
+    // Until the runtime's handler takes over (`serve`): a secret command may run meanwhile.
+    let early = crate::children::StopGuard::install();
     // With many clients, the store is opened and read while the clients are: both take long.
     let mut opening = None;
     let mut logging = false;
@@ -84,7 +87,7 @@ pub fn run(config_file: &Path) -> Result<(), DaemonError> {
         .thread_name("oauth2mci")
         .build()
         .map_err(|e| DaemonError::Start(format!("cannot start the async runtime: {e}")))?;
-    let result = runtime.block_on(serve(config, state, begun));
+    let result = runtime.block_on(serve(config, state, begun, early));
     // Hooks still running after the grace period are not worth waiting for.
     runtime.shutdown_timeout(Duration::from_secs(2));
     result
@@ -153,12 +156,21 @@ fn init_logging(config: &Config) {
         .ok()
         .or_else(|| config.log_level.clone())
         .unwrap_or_else(|| "info".into());
-    // The cron library narrates its own start-up at info; keep that out unless asked for.
-    let filter = if filter.contains("tokio_cron_scheduler") {
-        filter
-    } else {
-        format!("{filter},tokio_cron_scheduler=warn")
-    };
+    // Crates that narrate too much unless asked for by name: the cron library its start-up at
+    // info, notify every file event at trace (which, with the log written into the watched
+    // folder, would feed itself).
+    let mut filter = filter;
+    for (noisy, level) in [("tokio_cron_scheduler", "warn"), ("notify", "info")] {
+        let named = filter.split(',').any(|directive| {
+            directive
+                .trim()
+                .strip_prefix(noisy)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['=', '[', ':']))
+        });
+        if !named {
+            filter = format!("{filter},{noisy}={level}");
+        }
+    }
     let filter = config::parse_log_filter(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -184,6 +196,7 @@ async fn serve(
     config: Arc<Config>,
     state: OpenState,
     begun: std::time::Instant,
+    early: Option<crate::children::StopGuard>,
 ) -> Result<(), DaemonError> {
     let start = |e: String| DaemonError::Start(e);
     let OpenState {
@@ -220,6 +233,9 @@ async fn serve(
     )
     .map_err(start)?;
     let signals = signal_handler(registry.clone()).map_err(start)?;
+    if let Some(early) = early {
+        early.disarm();
+    }
     let watcher = watch_config(registry.clone()).map_err(start)?;
     let cron = start_cron(registry.clone()).await.map_err(start)?;
     tracing::info!(
@@ -241,6 +257,8 @@ async fn serve(
     shutdown.cancelled().await;
     tracing::info!("shutting down");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    // Hooks and secret commands (a reload's) are not waited for: their process groups end now.
+    let children = tokio::task::spawn_blocking(|| crate::children::kill_all(CHILD_GRACE));
     drop(watcher);
     signals.close();
     if let Some(mut cron) = cron {
@@ -256,6 +274,7 @@ async fn serve(
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
         tracing::warn!("some tasks did not finish within {grace:?}; stopping anyway");
     }
+    let _ = children.await;
     let socket = registry.config().paths.socket.clone();
     drop(registry);
     if let Err(e) = std::fs::remove_file(&socket)
@@ -306,9 +325,14 @@ fn signal_handler(registry: Arc<Registry>) -> Result<signal_hook_tokio::Handle, 
         while let Some(signal) = signals.next().await {
             if signal == SIGHUP {
                 tracing::info!("SIGHUP: reloading the configuration");
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
-                let _ = registry.reload().await;
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                // In a task of its own: a SIGTERM during a slow reload (a secret command that
+                // hangs) is taken at once.
+                let registry = registry.clone();
+                tokio::spawn(async move {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+                    let _ = registry.reload().await;
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                });
             } else {
                 registry.shutdown.cancel();
                 return;
@@ -318,54 +342,21 @@ fn signal_handler(registry: Arc<Registry>) -> Result<signal_hook_tokio::Handle, 
     Ok(handle)
 }
 
-/// Watches the config file's folder (editors save by renaming a new file over the old one, which
-/// a watch on the file itself would lose) and reloads after the writes settle.
-fn watch_config(registry: Arc<Registry>) -> Result<notify::RecommendedWatcher, String> {
-    use notify::{RecursiveMode, Watcher};
-    let file = registry.config().file.clone();
-    let dir = file
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("/"));
-    let name = file.file_name().map(|n| n.to_os_string());
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        if event.kind.is_access() {
-            return;
-        }
-        if event
-            .paths
-            .iter()
-            .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
-        {
-            let _ = tx.send(());
-        }
-    })
-    .map_err(|e| format!("cannot watch the configuration: {e}"))?;
-    watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
+/// Reloads when the configuration file changes, however it is deployed (`watch`).
+fn watch_config(registry: Arc<Registry>) -> Result<crate::watch::Follower, String> {
+    let (follower, mut changes) = crate::watch::follow(registry.config().file.clone())?;
     let shutdown = registry.shutdown.clone();
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                got = rx.recv() => if got.is_none() { return },
-            }
-            // Wait until the file has been quiet for a moment.
-            loop {
-                match tokio::time::timeout(RELOAD_DEBOUNCE, rx.recv()).await {
-                    Ok(Some(())) => continue,
-                    Ok(None) => return,
-                    Err(_) => break,
-                }
+                change = changes.recv() => if change.is_none() { return },
             }
             tracing::info!("the configuration file changed: reloading");
             let _ = registry.reload().await;
         }
     });
-    Ok(watcher)
+    Ok(follower)
 }
 
 /// Cron jobs: history pruning, and the `cron:` refresh schedules of clients, kept in step with

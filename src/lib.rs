@@ -4,6 +4,7 @@
 //! benchmarks can reach the same code.
 
 pub mod api;
+pub mod children;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -25,4 +26,5 @@ pub mod store;
 pub mod text;
 pub mod token;
 pub mod unix_conn;
+pub mod watch;
 pub mod wire;

@@ -140,36 +140,56 @@ fn environment(n: &Notice) -> Vec<(&'static str, String)> {
 }
 
 async fn run(argv: &[String], n: &Notice, timeout: Duration) -> Result<(), String> {
+    use tokio::io::AsyncReadExt;
     let args: Vec<String> = argv.iter().map(|a| substitute(a, n)).collect();
     let (program, rest) = args.split_first().ok_or("empty command")?;
-    let mut child = tokio::process::Command::new(program)
-        .args(rest)
-        .envs(environment(n))
+    let mut command = std::process::Command::new(program);
+    command.args(rest);
+    crate::children::prepare(&mut command, environment(n));
+    let mut child = tokio::process::Command::from(command)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot start {program:?}: {e}"))?;
-    let mut stderr = child.stderr.take();
-    let waited = tokio::time::timeout(timeout, async {
+    let pid = child.id().unwrap_or(0);
+    crate::children::track(pid);
+    let stderr = child.stderr.take();
+    // Read beside the wait: a hook that fills the pipe must not block on it.
+    let reader = tokio::spawn(async move {
         let mut err = String::new();
-        if let Some(s) = stderr.as_mut() {
-            use tokio::io::AsyncReadExt;
+        if let Some(s) = stderr {
             let _ = s.take(4096).read_to_string(&mut err).await;
         }
-        (child.wait().await, err)
-    })
-    .await;
-    match waited {
-        Err(_) => Err(format!(
-            "{program:?} still running after {}; killed",
-            humantime::format_duration(timeout)
-        )),
-        Ok((Err(e), _)) => Err(format!("{program:?}: {e}")),
-        Ok((Ok(status), _)) if status.success() => Ok(()),
-        Ok((Ok(status), err)) => Err(format!("{program:?} exited with {status}: {}", err.trim())),
+        err
+    });
+    let status = match tokio::time::timeout(timeout, child.wait()).await {
+        Err(_) => {
+            crate::children::kill_group(pid);
+            let _ = child.wait().await;
+            reader.abort();
+            return Err(format!(
+                "{program:?} still running after {}; killed with its process group",
+                humantime::format_duration(timeout)
+            ));
+        }
+        Ok(Err(e)) => return Err(format!("{program:?}: {e}")),
+        Ok(Ok(status)) => status,
+    };
+    if status.success() {
+        reader.abort();
+        return Ok(());
     }
+    // What is left in the pipe, for a moment: a background job of the hook may hold it open.
+    let err = match tokio::time::timeout(Duration::from_millis(200), reader).await {
+        Ok(Ok(err)) => err,
+        _ => String::new(),
+    };
+    Err(format!(
+        "{program:?} exited with {status}: {}",
+        crate::text::one_line(err.trim(), 300)
+    ))
 }
 
 #[cfg(test)]
@@ -217,7 +237,7 @@ mod tests {
         )
         .await
         .unwrap_err();
-        assert!(e.contains("killed"));
+        assert!(e.contains("killed with its process group"), "{e}");
         let e = run(
             &["/nonexistent/x".to_string()],
             &notice(),

@@ -47,8 +47,21 @@ const MAX_SECRET_BYTES: u64 = 64 * 1024;
 /// `MAX_SECRET_BYTES`.
 pub fn from_file(path: &std::path::Path) -> Result<String, String> {
     use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let cannot = |e: &dyn std::fmt::Display| format!("cannot read {}: {e}", path.display());
-    let file = std::fs::File::open(path).map_err(|e| cannot(&e))?;
+    // Non-blocking, so that a FIFO is refused below instead of waited on for a writer.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| cannot(&e))?;
+    let meta = file.metadata().map_err(|e| cannot(&e))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "{} is not a regular file (a FIFO, a device or a folder); a secret is read from a file",
+            path.display()
+        ));
+    }
     let mut bytes = Vec::new();
     file.take(MAX_SECRET_BYTES + 1)
         .read_to_end(&mut bytes)
@@ -63,74 +76,36 @@ pub fn from_file(path: &std::path::Path) -> Result<String, String> {
     Ok(text.trim_end_matches(['\r', '\n']).to_string())
 }
 
-/// Runs `argv` without a shell and returns what it prints on stdout, the final newline
-/// trimmed. It is killed after `timeout`. Errors name the program and quote its stderr (the
+/// Runs `argv` without a shell, in a clean environment and a process group of its own
+/// (`children`), and returns what it prints on stdout, the final newline trimmed. Past
+/// `timeout` its whole group is killed. Errors name the program and quote its stderr (the
 /// first line), never its stdout.
 pub fn from_command(argv: &[String], timeout: Duration) -> Result<String, String> {
-    use std::io::Read;
     // The config fuzzer feeds arbitrary configs through the loader: it must never run them.
     if cfg!(fuzzing) {
         return Err("secret commands are not run under the fuzzer".into());
     }
     let (program, args) = argv.split_first().ok_or("the command is empty")?;
-    let mut child = std::process::Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
+    let mut command = std::process::Command::new(program);
+    command.args(args);
+    crate::children::prepare(&mut command, []);
+    let out = crate::children::run_captured(&mut command, timeout, MAX_SECRET_BYTES as usize)
         .map_err(|e| format!("cannot run {program:?}: {e}"))?;
-    // Read both pipes while waiting, so that a chatty command cannot block on a full pipe.
-    let reader = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut out = Vec::new();
-            if let Some(p) = pipe {
-                let _ = p.take(MAX_SECRET_BYTES + 1).read_to_end(&mut out);
-            }
-            out
-        })
+    let Some(status) = out.status else {
+        return Err(format!(
+            "{program:?} did not finish within {}; killed",
+            humantime::format_duration(timeout)
+        ));
     };
-    let stdout = reader(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let stderr = reader(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let deadline = std::time::Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "{program:?} did not finish within {}; killed",
-                    humantime::format_duration(timeout)
-                ));
-            }
-            Err(e) => return Err(format!("waiting for {program:?}: {e}")),
-        }
-    };
-    let out = stdout.join().unwrap_or_default();
-    let err = stderr.join().unwrap_or_default();
-    // First, as the reader stops at the cap: the command then dies of SIGPIPE, and its
-    // exit status would hide the reason.
-    if out.len() as u64 > MAX_SECRET_BYTES {
+    // First, as the cap stops the reading: the command may then die of SIGPIPE, and its exit
+    // status would hide the reason.
+    if out.stdout.len() as u64 > MAX_SECRET_BYTES {
         return Err(format!(
             "{program:?} printed more than {MAX_SECRET_BYTES} bytes; a secret is one line"
         ));
     }
     if !status.success() {
-        let first = String::from_utf8_lossy(&err);
+        let first = String::from_utf8_lossy(&out.stderr);
         let first = first
             .lines()
             .next()
@@ -140,7 +115,7 @@ pub fn from_command(argv: &[String], timeout: Duration) -> Result<String, String
             .collect::<String>();
         return Err(format!("{program:?} failed ({status}): {first}"));
     }
-    let text = String::from_utf8(out)
+    let text = String::from_utf8(out.stdout)
         .map_err(|_| format!("{program:?} printed something that is not UTF-8"))?;
     Ok(text.trim_end_matches(['\r', '\n']).to_string())
 }
@@ -180,7 +155,15 @@ mod tests {
         std::fs::write(&path, "hunter2\n").unwrap();
         assert_eq!(from_file(&path).unwrap(), "hunter2");
         let e = from_file(std::path::Path::new("/dev/zero")).unwrap_err();
+        assert!(e.contains("is not a regular file"), "{e}");
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'x'; 100_000]).unwrap();
+        let e = from_file(&big).unwrap_err();
         assert!(e.contains("more than 65536 bytes"), "{e}");
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = from_file(&fifo).unwrap_err();
+        assert!(e.contains("is not a regular file"), "{e}");
         std::fs::write(&path, b"\xff\xfe").unwrap();
         assert!(from_file(&path).unwrap_err().contains("not UTF-8"));
         let e = from_file(&dir.path().join("none")).unwrap_err();

@@ -8,6 +8,7 @@
 //! config is `registry`'s job.
 
 mod blocks;
+pub mod limits;
 pub mod locate;
 pub mod values;
 
@@ -712,48 +713,69 @@ struct ClientMap(Vec<(String, RawClient)>);
 
 impl<'de> Deserialize<'de> for ClientMap {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Name<'a>(&'a HashMap<String, ()>);
-        impl<'de> DeserializeSeed<'de> for Name<'_> {
-            type Value = String;
-            fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
-                d.deserialize_str(self)
-            }
-        }
-        impl Visitor<'_> for Name<'_> {
-            type Value = String;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a client name")
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<String, E> {
-                values::check_client_name(s).map_err(E::custom)?;
-                if self.0.contains_key(s) {
-                    return Err(E::custom(format!("client {s:?} is defined twice")));
-                }
-                Ok(s.to_string())
-            }
-        }
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = ClientMap;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a map from client name to client settings")
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<ClientMap, E> {
-                Ok(ClientMap(Vec::new()))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<ClientMap, A::Error> {
-                let mut seen = HashMap::new();
-                let mut out = Vec::new();
-                while let Some(name) = m.next_key_seed(Name(&seen))? {
-                    let client: RawClient = m.next_value()?;
-                    seen.insert(name.clone(), ());
-                    out.push((name, client));
-                }
-                Ok(ClientMap(out))
-            }
-        }
-        d.deserialize_any(V)
+        client_map(d, limits::MAX_CLIENTS)
     }
+}
+
+/// The `clients:` map, refusing the client past `limit` at its name.
+fn client_map<'de, D: Deserializer<'de>>(d: D, limit: usize) -> Result<ClientMap, D::Error> {
+    struct Name<'a> {
+        seen: &'a HashMap<String, ()>,
+        /// `limit` clients are read already.
+        full: Option<usize>,
+    }
+    impl<'de> DeserializeSeed<'de> for Name<'_> {
+        type Value = String;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    impl Visitor<'_> for Name<'_> {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a client name")
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<String, E> {
+            if let Some(limit) = self.full {
+                return Err(E::custom(format!(
+                    "client {s:?} is one more than the {limit} one daemon carries (see BENCHMARKS.md); run several"
+                )));
+            }
+            values::check_client_name(s).map_err(E::custom)?;
+            if self.seen.contains_key(s) {
+                return Err(E::custom(format!("client {s:?} is defined twice")));
+            }
+            Ok(s.to_string())
+        }
+    }
+    struct V(usize);
+    impl<'de> Visitor<'de> for V {
+        type Value = ClientMap;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a map from client name to client settings")
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<ClientMap, E> {
+            Ok(ClientMap(Vec::new()))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<ClientMap, A::Error> {
+            let mut seen = HashMap::new();
+            let mut out = Vec::new();
+            loop {
+                let name = Name {
+                    seen: &seen,
+                    full: (out.len() >= self.0).then_some(self.0),
+                };
+                let Some(name) = m.next_key_seed(name)? else {
+                    break;
+                };
+                let client: RawClient = m.next_value()?;
+                seen.insert(name.clone(), ());
+                out.push((name, client));
+            }
+            Ok(ClientMap(out))
+        }
+    }
+    d.deserialize_any(V(limit))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -784,12 +806,35 @@ pub fn reload(file: &Path, previous: &Config) -> Result<Config, ConfigError> {
 }
 
 fn read(file: &Path) -> Result<(String, PathBuf), ConfigError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
-    let bytes = std::fs::read(&file).map_err(|e| ConfigError {
+    let fail = |message: String| ConfigError {
         file: file.clone(),
         position: None,
-        message: format!("cannot read the configuration: {e}"),
-    })?;
+        message,
+    };
+    // Non-blocking, so that opening a FIFO does not wait for a writer: it is refused below.
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(&file)
+        .map_err(|e| fail(format!("cannot read the configuration: {e}")))?;
+    let meta = opened
+        .metadata()
+        .map_err(|e| fail(format!("cannot read the configuration: {e}")))?;
+    limits::check_file(&file, &meta).map_err(fail)?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    opened
+        .take(limits::MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(format!("cannot read the configuration: {e}")))?;
+    if bytes.len() as u64 > limits::MAX_FILE_BYTES {
+        return Err(fail(format!(
+            "the file grew past the {} MiB a configuration may take while it was read",
+            limits::MAX_FILE_BYTES / (1024 * 1024)
+        )));
+    }
     let src = String::from_utf8(bytes).map_err(|e| {
         let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
         let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
@@ -810,7 +855,36 @@ fn read(file: &Path) -> Result<(String, PathBuf), ConfigError> {
 /// What the daemon reads through the client blocks (`by_blocks`), or `None` where it falls back
 /// to `parse`: for the fuzzer, which checks that both read the same.
 pub fn parse_by_blocks(src: &str, file: &Path) -> Option<Config> {
-    by_blocks(src, file, None, &mut |_, _| {})
+    check_limits(src, file).ok()?;
+    by_blocks(src, file, None, &SecretsRead::default(), &mut |_, _| {})
+}
+
+/// Refuses text past the limits of `limits` (nesting, what aliases expand to) before the
+/// clients are read: with the file's size checked at `read`, whatever passes is bounded.
+fn check_limits(src: &str, file: &Path) -> Result<(), ConfigError> {
+    let shape = limits::shape(src).map_err(|at| ConfigError {
+        file: file.to_path_buf(),
+        position: Some((at.line, at.column)),
+        message: format!(
+            "nested deeper than {} levels; a configuration needs fewer than 10",
+            limits::MAX_DEPTH
+        ),
+    })?;
+    if let Some(anchor) = shape.first_anchor {
+        limits::expansion(src).map_err(|e| {
+            let mut error = from_yaml_error(file, &e);
+            if error.position.is_none() {
+                // serde_yaml's own repetition limit says no place: the first anchor's.
+                error.position = Some(anchor);
+                error.message = format!(
+                    "anchors and aliases expand the file too far ({}), from the anchor here on",
+                    error.message
+                );
+            }
+            error
+        })?;
+    }
+    Ok(())
 }
 
 /// `parse`, through the client blocks when the file has the plain layout.
@@ -820,6 +894,7 @@ fn parse_reusing(
     previous: Option<&Config>,
     settings_known: impl FnOnce(&Config, usize),
 ) -> Result<Config, ConfigError> {
+    check_limits(src, file)?;
     let mut settings_known = Some(settings_known);
     // Told once: the blocks may have told it before falling back.
     let mut tell = |settings: &Config, clients: usize| {
@@ -827,11 +902,12 @@ fn parse_reusing(
             told(settings, clients);
         }
     };
-    match by_blocks(src, file, previous, &mut tell) {
+    let secrets = SecretsRead::default();
+    match by_blocks(src, file, previous, &secrets, &mut tell) {
         Some(config) => Ok(config),
         // Whatever the blocks could not settle (another layout, or an error anywhere), the
         // whole document settles, and says where an error is.
-        None => parse_announcing(src, file, &mut tell),
+        None => parse_announcing(src, file, &secrets, &mut tell),
     }
 }
 
@@ -850,11 +926,16 @@ fn by_blocks(
     src: &str,
     file: &Path,
     previous: Option<&Config>,
+    secrets: &SecretsRead,
     settings_known: &mut dyn FnMut(&Config, usize),
 ) -> Option<Config> {
     let split = blocks::split(src)?;
+    if split.blocks.len() > limits::MAX_CLIENTS {
+        // The whole document says where.
+        return None;
+    }
     let raw: RawConfig = serde_yaml::from_str(&split.outside).ok()?;
-    let resolver = Resolver::new(src, file);
+    let resolver = Resolver::new(src, file, secrets);
     let (mut config, global_refresh, clients) = resolver.settings(raw).ok()?;
     if !clients.0.is_empty() {
         return None;
@@ -943,13 +1024,15 @@ fn by_blocks(
 
 /// Validates and resolves `src`, read from `file` (which anchors relative paths).
 pub fn parse(src: &str, file: &Path) -> Result<Config, ConfigError> {
-    parse_announcing(src, file, &mut |_, _| {})
+    check_limits(src, file)?;
+    parse_announcing(src, file, &SecretsRead::default(), &mut |_, _| {})
 }
 
 /// `parse`, telling `settings_known` the settings before the clients are resolved.
 fn parse_announcing(
     src: &str,
     file: &Path,
+    secrets: &SecretsRead,
     settings_known: &mut dyn FnMut(&Config, usize),
 ) -> Result<Config, ConfigError> {
     if src.trim().is_empty() {
@@ -960,7 +1043,7 @@ fn parse_announcing(
         });
     }
     let raw: RawConfig = serde_yaml::from_str(src).map_err(|e| from_yaml_error(file, &e))?;
-    let resolver = Resolver::new(src, file);
+    let resolver = Resolver::new(src, file, secrets);
     let (mut config, global_refresh, clients) = resolver.settings(raw)?;
     settings_known(&config, clients.0.len());
     let mut sinks = SinkOwners::default();
@@ -1142,6 +1225,8 @@ struct Resolver<'a> {
     /// The files secrets were read from, with the setting that names each: no token file may
     /// replace them.
     read_files: std::cell::RefCell<Vec<(PathBuf, String)>>,
+    /// Shared by the resolvers of one load.
+    secrets: &'a SecretsRead,
 }
 
 type FastSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
@@ -1191,7 +1276,7 @@ impl FilledEndpoints {
 }
 
 impl<'a> Resolver<'a> {
-    fn new(src: &'a str, file: &'a Path) -> Resolver<'a> {
+    fn new(src: &'a str, file: &'a Path, secrets: &'a SecretsRead) -> Resolver<'a> {
         Resolver {
             src,
             file,
@@ -1202,6 +1287,7 @@ impl<'a> Resolver<'a> {
             scopes: Default::default(),
             refresh_policies: Default::default(),
             read_files: Default::default(),
+            secrets,
         }
     }
 
@@ -1938,19 +2024,32 @@ impl<'a> Resolver<'a> {
     }
 
     fn secret(&self, source: SecretSource, what: &str) -> Result<Secret, String> {
-        let value = match source {
+        let read_from = |path: &PathBuf, how: &str| {
+            self.read_files
+                .borrow_mut()
+                .push((path.clone(), format!("the {how} {what} is read from")));
+        };
+        let (key, read): (String, Box<dyn FnOnce() -> Result<String, String>>) = match source {
             // A copy: the parsed text may live on a parser thread's heap (`by_blocks`).
-            SecretSource::Inline(s) => s.as_str().to_owned(),
+            SecretSource::Inline(s) => (String::new(), Box::new(move || Ok(s.as_str().to_owned()))),
             SecretSource::File(p) => {
                 let path = self.path(&p);
-                self.read_files
-                    .borrow_mut()
-                    .push((path.clone(), format!("the file {what} is read from")));
-                crate::secret::from_file(&path)?
+                read_from(&path, "file");
+                let key = format!("file\0{}", path.display());
+                (key, Box::new(move || crate::secret::from_file(&path)))
             }
-            SecretSource::Env(var) => std::env::var(&var)
-                .map_err(|_| format!("environment variable {var} is not set (or not UTF-8)"))?,
-            SecretSource::Command(argv, timeout) => crate::secret::from_command(&argv, timeout)?,
+            SecretSource::Env(var) => (
+                format!("env\0{var}"),
+                Box::new(move || {
+                    std::env::var(&var).map_err(|_| {
+                        format!("environment variable {var} is not set (or not UTF-8)")
+                    })
+                }),
+            ),
+            SecretSource::Command(argv, timeout) => (
+                format!("command\0{}\0{timeout:?}", argv.join("\0")),
+                Box::new(move || crate::secret::from_command(&argv, timeout)),
+            ),
             SecretSource::Credential(name) => {
                 if name.contains('/') {
                     return Err(format!("credential name {name:?} may not contain '/'"));
@@ -1959,11 +2058,22 @@ impl<'a> Resolver<'a> {
                     format!("credential {name:?} needs systemd's CREDENTIALS_DIRECTORY (LoadCredential= in the unit)")
                 })?;
                 let path = PathBuf::from(dir).join(name);
-                self.read_files
-                    .borrow_mut()
-                    .push((path.clone(), format!("the credential {what} is read from")));
-                crate::secret::from_file(&path)?
+                read_from(&path, "credential");
+                let key = format!("file\0{}", path.display());
+                (key, Box::new(move || crate::secret::from_file(&path)))
             }
+        };
+        let value = if key.is_empty() {
+            read()?
+        } else {
+            // Once per load: the blocks and the whole document (when the blocks give up) read
+            // each source once, and two clients naming one command run it once.
+            self.secrets
+                .0
+                .borrow_mut()
+                .entry(key)
+                .or_insert_with(read)
+                .clone()?
         };
         if value.is_empty() {
             return Err(format!("{what} is empty"));
@@ -1971,6 +2081,10 @@ impl<'a> Resolver<'a> {
         Ok(Secret::new(value))
     }
 }
+
+/// What each secret source gave during one load.
+#[derive(Default)]
+struct SecretsRead(std::cell::RefCell<HashMap<String, Result<String, String>>>);
 
 /// `value`, or the equal one already in `known`: one allocation for what many clients hold.
 fn intern<T, V>(known: &std::cell::RefCell<FastSet<Arc<T>>>, value: V) -> Arc<T>

@@ -484,3 +484,53 @@ fn the_settings_are_told_once_before_the_clients_are_read() {
     );
     assert_eq!(told, 0);
 }
+
+#[test]
+fn the_client_past_the_limit_is_refused_at_its_name() {
+    let src = "a: {client_id: x}\nb: {client_id: y}\nc: {client_id: z}\n";
+    let e = client_map(serde_yaml::Deserializer::from_str(src), 2)
+        .err()
+        .unwrap();
+    let at = e.location().map(|l| (l.line(), l.column()));
+    assert_eq!(at, Some((3, 1)), "{e}");
+    assert!(
+        e.to_string()
+            .contains("client \"c\" is one more than the 2"),
+        "{e}"
+    );
+    assert!(client_map(serde_yaml::Deserializer::from_str(src), 3).is_ok());
+}
+
+#[test]
+fn files_past_the_limits_are_refused_with_their_place() {
+    let deep = format!(
+        "clients:\n  a:\n    client_id: x\n    scopes: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let e = parse_at(&deep).unwrap_err().to_string();
+    assert!(e.starts_with("/etc/o/config.yaml:4:"), "{e}");
+    assert!(e.contains("nested deeper than 32 levels"), "{e}");
+    let mut wide = String::from(
+        "clients:\n  a:\n    client_id: x\n    provider: {token_url: \"https://t/\", authorize_url: \"https://a/\"}\n    scopes: &s [",
+    );
+    wide.push_str(
+        &(0..20_000)
+            .map(|i| format!("s{i}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    wide.push_str("]\n");
+    for i in 0..100 {
+        wide.push_str(&format!("  c{i}:\n    client_id: x\n    provider: {{token_url: \"https://t/\", authorize_url: \"https://a/\"}}\n    scopes: *s\n"));
+    }
+    let begun = std::time::Instant::now();
+    let e = parse_at(&wide).unwrap_err().to_string();
+    assert!(e.contains("anchors and aliases expand the file"), "{e}");
+    assert!(e.starts_with("/etc/o/config.yaml:"), "{e}");
+    assert!(begun.elapsed() < Duration::from_secs(30));
+    // Anchors used with measure are read as before.
+    let shared = "clients:\n  a: {client_id: x, provider: &p {token_url: \"https://t/\", authorize_url: \"https://a/\"}}\n  b: {client_id: y, provider: *p}\n";
+    let c = parse_at(shared).unwrap();
+    assert_eq!(c.clients["b"].endpoints.token.as_str(), "https://t/");
+}

@@ -222,7 +222,7 @@
     ("clients:\n  a:\n    client_id: x\n    grant: jwt_bearer\n    provider: {token_url: \"https://t/\", authorize_url: \"https://a/\"}\n", "4:12", "the jwt_bearer grant signs its request"),
     ("clients:\n  a:\n    client_id: x\n    signing_alg: HS256\n", "4:18", "unknown variant `HS256`"),
     ("paths:\n  state: \"\"\nclients: {}\n", "2:10", "paths.state: must not be empty"),
-    ("clients:\n  a:\n    client_id: x\n    client_secret: {file: /dev/zero}\n    provider: {token_url: \"https://t/\", authorize_url: \"https://a/\"}\n", "4:20", "/dev/zero holds more than 65536 bytes"),
+    ("clients:\n  a:\n    client_id: x\n    client_secret: {file: /dev/zero}\n    provider: {token_url: \"https://t/\", authorize_url: \"https://a/\"}\n", "4:20", "/dev/zero is not a regular file"),
     ("clients:\n  a:\n    client_id: x\n    \"x\\ny\": 1\n", "4:5", "unknown field `x\\ny`, expected one of"),
     ("encryption:\n  key: c2VjcmV0\nclients: {}\n", "2:8", "encryption.key: give the key as {file: PATH}"),
     ("encryption:\n  key: {command: [echo, too-short]}\nclients: {}\n", "2:8", "encryption.key: an encryption key is 32 random bytes"),

@@ -7,11 +7,14 @@ mod common;
 
 mod authorization;
 mod bad_configs;
+mod children;
+mod config_limits;
 mod config_reload;
 mod crash;
 mod device;
 mod encryption;
 mod faults;
+mod follow_config;
 mod hostile_tokens;
 mod jwt;
 mod leaks;

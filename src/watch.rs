@@ -1,0 +1,277 @@
+//! Follows the configuration file however it is deployed, and says when it may have changed.
+//!
+//! A configuration is rarely a plain file in a plain folder: editors save by renaming a new file
+//! over it, GNU Stow and home-manager make it a link into another folder, Kubernetes mounts a
+//! ConfigMap as `config.yaml -> ..data/config.yaml` with `..data` a link swapped atomically to
+//! a new folder on each update, and folders get removed and made again. So the follower
+//! watches the folder of every entry on the way to the file (each link, each folder that is a
+//! link, the file itself) and the folder above each of those folders, and cares only for events
+//! on those entries: anything else in those folders (the daemon's own log written there, an
+//! editor's swap file) is dropped unread, so nothing the daemon does in reaction can feed it.
+//! After each change the way is walked again and the watches that moved are armed again, with
+//! a warning when a watched folder went away: it never goes silently deaf.
+
+use notify::{RecursiveMode, Watcher};
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How long after the last relevant event the follower waits before it reports (editors and
+/// Kubernetes write in bursts).
+pub const SETTLE: Duration = Duration::from_millis(300);
+
+/// What the follower watches for one configuration file.
+#[derive(Debug, Default, PartialEq)]
+pub struct Interest {
+    /// Folders watched, with their identity when armed (device, inode).
+    folders: BTreeMap<PathBuf, (u64, u64)>,
+    /// The entries whose events matter.
+    entries: BTreeSet<PathBuf>,
+}
+
+/// The most links followed on the way to the file, as the kernel's limit.
+const MAX_LINKS: usize = 40;
+
+impl Interest {
+    /// The entries on the way to `file` and the folders to watch for them.
+    pub fn of(file: &Path) -> Interest {
+        let mut entries = BTreeSet::new();
+        let start = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+        entries.insert(start.clone());
+        // Walk the path component by component, following links and noting each one.
+        let mut at = PathBuf::from("/");
+        let mut rest: Vec<OsString> = components(&start);
+        rest.reverse();
+        let mut links = 0;
+        while let Some(part) = rest.pop() {
+            if part == ".." {
+                at.pop();
+                continue;
+            }
+            let next = at.join(&part);
+            match std::fs::symlink_metadata(&next) {
+                Ok(meta) if meta.file_type().is_symlink() && links < MAX_LINKS => {
+                    links += 1;
+                    entries.insert(next.clone());
+                    match std::fs::read_link(&next) {
+                        Ok(target) => {
+                            if target.is_absolute() {
+                                at = PathBuf::from("/");
+                            }
+                            let mut more = components(&target);
+                            more.reverse();
+                            rest.extend(more);
+                        }
+                        Err(_) => at = next,
+                    }
+                }
+                _ => at = next,
+            }
+        }
+        entries.insert(at);
+        // Each folder that holds an entry is itself an entry of the folder above it: its
+        // removal or replacement is then seen too.
+        let holders: Vec<PathBuf> = entries
+            .iter()
+            .filter_map(|e| e.parent().map(Path::to_path_buf))
+            .collect();
+        entries.extend(holders);
+        let mut interest = Interest {
+            folders: BTreeMap::new(),
+            entries: BTreeSet::new(),
+        };
+        for entry in entries {
+            // A missing folder is watched for at the nearest one that exists.
+            let mut entry = entry;
+            while let Some(parent) = entry.parent().map(Path::to_path_buf) {
+                if let Ok(meta) = std::fs::metadata(&parent)
+                    && meta.is_dir()
+                {
+                    interest.folders.insert(parent, (meta.dev(), meta.ino()));
+                    interest.entries.insert(entry);
+                    break;
+                }
+                entry = parent;
+            }
+        }
+        interest
+    }
+
+    /// Whether an event on `path` may change the file or the way to it.
+    fn concerns(&self, path: &Path) -> bool {
+        self.entries.contains(path) || self.folders.contains_key(path)
+    }
+}
+
+fn components(path: &Path) -> Vec<OsString> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Why the follower reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// An entry on the way to the file changed.
+    Changed,
+    /// Events were lost (the kernel's queue overflowed): anything may have changed.
+    Lost,
+}
+
+/// The follower of one file; dropping it stops the watching.
+pub struct Follower {
+    _task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts following `file`: the receiver gets a `Change` after each burst of relevant events
+/// has settled. Call from inside the runtime.
+pub fn follow(file: PathBuf) -> Result<(Follower, mpsc::UnboundedReceiver<Change>), String> {
+    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<Raw>();
+    let interest = Arc::new(Mutex::new(Interest::default()));
+    let seen = interest.clone();
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // On notify's thread: filtered here, before anything is allocated or logged, so that
+        // events in the watched folders that are not ours (a log file written there) cost
+        // nothing and cannot feed themselves.
+        let raw = match event {
+            Err(_) => Raw::Lost,
+            Ok(e) if e.need_rescan() => Raw::Lost,
+            Ok(e) if e.kind.is_access() => return,
+            Ok(e) => {
+                let interest = seen.lock().unwrap_or_else(|p| p.into_inner());
+                if !e.paths.iter().any(|p| interest.concerns(p)) {
+                    return;
+                }
+                Raw::Relevant
+            }
+        };
+        let _ = raw_tx.send(raw);
+    })
+    .map_err(|e| format!("cannot watch the configuration: {e}"))?;
+    let mut armed = Armed {
+        watcher,
+        interest,
+        watched: BTreeMap::new(),
+        file,
+    };
+    armed.arm(false);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Some(first) = raw_rx.recv().await {
+            let mut lost = first == Raw::Lost;
+            // Until the events have been quiet for a moment.
+            loop {
+                match tokio::time::timeout(SETTLE, raw_rx.recv()).await {
+                    Ok(Some(more)) => lost |= more == Raw::Lost,
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+            }
+            if lost {
+                tracing::warn!(
+                    "events about the configuration were lost; watching it again and reading it again"
+                );
+            }
+            armed.arm(true);
+            let change = if lost { Change::Lost } else { Change::Changed };
+            if tx.send(change).is_err() {
+                return;
+            }
+        }
+    });
+    Ok((Follower { _task: task }, rx))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Raw {
+    Relevant,
+    Lost,
+}
+
+struct Armed {
+    watcher: notify::RecommendedWatcher,
+    /// What the event handler filters by, shared with notify's thread.
+    interest: Arc<Mutex<Interest>>,
+    /// The folders watched now, with their identity then.
+    watched: BTreeMap<PathBuf, (u64, u64)>,
+    file: PathBuf,
+}
+
+impl Armed {
+    /// Walks the way to the file again and watches what it needs now: folders no longer on it
+    /// are let go, new or replaced ones watched. A folder still on the way that went away or
+    /// was replaced is said in a warning (a Kubernetes update letting an old folder go is not).
+    fn arm(&mut self, again: bool) {
+        let wanted = Interest::of(&self.file);
+        let folders = wanted.folders.clone();
+        let on_the_way = wanted.entries.clone();
+        // The handler sees the new interest first; no lock is held while watching, which
+        // waits for notify's thread, where the handler runs.
+        *self.interest.lock().unwrap_or_else(|p| p.into_inner()) = wanted;
+        for (folder, id) in std::mem::take(&mut self.watched) {
+            if folders.get(&folder) == Some(&id) {
+                self.watched.insert(folder, id);
+                continue;
+            }
+            let _ = self.watcher.unwatch(&folder);
+            if again && (folders.contains_key(&folder) || on_the_way.contains(&folder)) {
+                tracing::warn!(
+                    "the folder {} was removed or replaced; following the configuration {} there again",
+                    folder.display(),
+                    self.file.display()
+                );
+            }
+        }
+        for (folder, id) in folders {
+            if self.watched.contains_key(&folder) {
+                continue;
+            }
+            match self.watcher.watch(&folder, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    self.watched.insert(folder, id);
+                }
+                Err(e) => tracing::warn!(
+                    "cannot watch {} for changes to the configuration: {e}; SIGHUP or `oauth2mci reload` still reload it",
+                    folder.display()
+                ),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_entry_on_the_way_to_the_file_is_watched() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(dir.path()).unwrap();
+        // The Kubernetes layout: config.yaml -> ..data/config.yaml, ..data -> ..2024_1.
+        let cm = base.join("cm");
+        std::fs::create_dir_all(cm.join("..2024_1")).unwrap();
+        std::fs::write(cm.join("..2024_1/config.yaml"), "x").unwrap();
+        std::os::unix::fs::symlink("..2024_1", cm.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/config.yaml", cm.join("config.yaml")).unwrap();
+        let interest = Interest::of(&cm.join("config.yaml"));
+        for entry in ["config.yaml", "..data", "..2024_1", "..2024_1/config.yaml"] {
+            assert!(interest.concerns(&cm.join(entry)), "{entry}: {interest:?}");
+        }
+        assert!(interest.concerns(&cm), "the folder itself, in its parent");
+        assert!(interest.folders.contains_key(&cm) && interest.folders.contains_key(&base));
+        assert!(!interest.concerns(&cm.join("daemon.log")));
+        assert!(!interest.concerns(&cm.join(".config.yaml.swp")));
+        // A missing folder is watched for where it would appear.
+        let later = Interest::of(&base.join("not/yet/config.yaml"));
+        assert!(later.concerns(&base.join("not")));
+        assert!(later.folders.contains_key(&base));
+    }
+}
