@@ -150,16 +150,20 @@ fn duration_param(
 }
 
 async fn health(State(r): State<Arc<Registry>>) -> Json<Health> {
+    let problems = r.problems();
+    let status = if r.shutdown.is_cancelled() {
+        "stopping"
+    } else if problems.is_empty() {
+        "ok"
+    } else {
+        "degraded"
+    };
     Json(Health {
-        status: if r.shutdown.is_cancelled() {
-            "stopping"
-        } else {
-            "ok"
-        }
-        .into(),
+        status: status.into(),
         version: env!("CARGO_PKG_VERSION").into(),
         clients: r.count(),
         config: r.config().file.display().to_string(),
+        problems,
     })
 }
 
@@ -182,7 +186,9 @@ async fn token(
     let params = query(raw, &["min_valid"])?;
     let min_valid = duration_param(&params, "min_valid")?.unwrap_or(Duration::ZERO);
     let t = r.token(&name, min_valid).await?;
-    let mut response = Json(token_reply(&t, now_ms())).into_response();
+    let mut reply = token_reply(&t, now_ms());
+    reply.warning = r.client(&name).and_then(|c| c.unsaved_warning());
+    let mut response = Json(reply).into_response();
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -198,6 +204,7 @@ pub fn token_reply(t: &TokenSet, now: i64) -> TokenReply {
         expires_in: t.remaining(now).map(|ms| ms.div_euclid(1000)),
         scope: t.scope.clone(),
         extra: t.extra.clone(),
+        warning: None,
     }
 }
 
@@ -356,6 +363,17 @@ async fn metrics(State(r): State<Arc<Registry>>) -> Response {
         "oauth2mci_store_errors_total",
         "Database writes that failed.",
         &[("", load(&c.store_errors))],
+    );
+    counter(
+        &mut out,
+        "oauth2mci_store_rescues_total",
+        "Times the database's files were found deleted or replaced and were written again.",
+        &[("", r.store().health().rescues)],
+    );
+    let _ = writeln!(
+        out,
+        "# HELP oauth2mci_store_failing Whether the database's last write failed (1) or not (0).\n# TYPE oauth2mci_store_failing gauge\noauth2mci_store_failing {}",
+        u8::from(r.store().health().failing.is_some())
     );
     counter(
         &mut out,

@@ -252,6 +252,9 @@ fn run(cli: Cli, daemon_side: fn(DaemonCommand) -> Result<(), Failure>) -> Resul
                 path.push_str(&format!("?min_valid={}", d.as_secs()));
             }
             let t: TokenReply = call(&socket(), "GET", &path, REQUEST_TIMEOUT)?;
+            if let Some(warning) = &t.warning {
+                eprintln!("oauth2mci: warning: {name}: {warning}");
+            }
             println!("{}", t.access_token);
             Ok(())
         }

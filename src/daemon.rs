@@ -237,6 +237,12 @@ async fn serve(
         early.disarm();
     }
     let watcher = watch_config(registry.clone()).map_err(start)?;
+    let lock = Arc::new(std::sync::Mutex::new(_lock));
+    let state_watch = watch_state(
+        &registry.config().paths.state_dir,
+        registry.store().clone(),
+        lock.clone(),
+    );
     let cron = start_cron(registry.clone()).await.map_err(start)?;
     tracing::info!(
         config = %config.file.display(),
@@ -260,6 +266,7 @@ async fn serve(
     // Hooks and secret commands (a reload's) are not waited for: their process groups end now.
     let children = tokio::task::spawn_blocking(|| crate::children::kill_all(CHILD_GRACE));
     drop(watcher);
+    drop(state_watch);
     signals.close();
     if let Some(mut cron) = cron {
         let _ = cron.shutdown().await;
@@ -357,6 +364,68 @@ fn watch_config(registry: Arc<Registry>) -> Result<crate::watch::Follower, Strin
         }
     });
     Ok(follower)
+}
+
+/// Tells the store when one of its files is removed, renamed or made in the state folder, so
+/// that a database deleted or replaced under an idle daemon is seen at once (a busy one sees
+/// it at its next write anyway). `None` when the folder cannot be watched: then only writes
+/// look.
+/// The state folder's lock is taken again if its file is removed.
+fn watch_state(
+    dir: &Path,
+    store: crate::store::Store,
+    lock: Arc<std::sync::Mutex<nix::fcntl::Flock<std::fs::File>>>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    const NAMES: [&str; 3] = ["state.db", "state.db-wal", "state.db-shm"];
+    let folder = dir.to_path_buf();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else {
+            store.check_files();
+            return;
+        };
+        // Writes change the files all the time; only their names going or coming matter.
+        let named = matches!(
+            event.kind,
+            EventKind::Create(_) | EventKind::Remove(_) | EventKind::Modify(notify::event::ModifyKind::Name(_))
+        );
+        let ours = event
+            .paths
+            .iter()
+            .any(|p| p.file_name().is_some_and(|n| NAMES.iter().any(|m| n == *m)));
+        if named && ours {
+            store.check_files();
+        }
+        let lock_gone = matches!(
+            event.kind,
+            EventKind::Remove(_) | EventKind::Modify(notify::event::ModifyKind::Name(_))
+        ) && event.paths.iter().any(|p| p.file_name().is_some_and(|n| n == "lock"))
+            && !folder.join("lock").exists();
+        if lock_gone {
+            // A second daemon could now take the folder: take its lock again first.
+            match lock_state_dir(&folder) {
+                Ok(new) => {
+                    *lock.lock().unwrap_or_else(|p| p.into_inner()) = new;
+                    tracing::warn!("the state folder's lock file was removed; it is made and held again");
+                }
+                Err(e) => tracing::error!(
+                    "the state folder's lock file was removed and cannot be taken again ({e}): two daemons may be using {}",
+                    folder.display()
+                ),
+            }
+        }
+    })
+    .ok()?;
+    match watcher.watch(dir, RecursiveMode::NonRecursive) {
+        Ok(()) => Some(watcher),
+        Err(e) => {
+            tracing::warn!(
+                "cannot watch the state folder {}: {e}; a database deleted under the daemon is seen at its next write",
+                dir.display()
+            );
+            None
+        }
+    }
 }
 
 /// Cron jobs: history pruning, and the `cron:` refresh schedules of clients, kept in step with

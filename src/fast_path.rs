@@ -77,9 +77,13 @@ pub fn answer(
     request: &TokenRequest,
     registry: &Registry,
 ) -> io::Result<Option<Answered>> {
-    let Some(token) = registry
-        .client(request.name)
-        .and_then(|c| c.ready_token(request.min_valid))
+    let Some(client) = registry.client(request.name) else {
+        return Ok(None);
+    };
+    // A token held in memory only is served with a warning, by the full server.
+    let Some(token) = client
+        .ready_token(request.min_valid)
+        .filter(|_| !client.is_unsaved())
     else {
         return Ok(None);
     };

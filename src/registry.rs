@@ -42,6 +42,9 @@ pub enum Status {
     NeedsReauth,
     Revoked,
     Disabled,
+    /// Shown, never stored: the client's newest token is held in memory only, because the
+    /// database could not take it (it is served, and saved as soon as the database can).
+    Unsaved,
 }
 
 impl Status {
@@ -55,6 +58,7 @@ impl Status {
             Status::NeedsReauth => "needs_reauth",
             Status::Revoked => "revoked",
             Status::Disabled => "disabled",
+            Status::Unsaved => "unsaved",
         }
     }
 
@@ -189,6 +193,9 @@ struct ClientState {
     /// refresh meets `invalid_grant`, the server had answered and its new refresh token was
     /// lost with the process; the user is told exactly that.
     interrupted_at: MaybeTime,
+    /// Since when the newest token is in memory only: the database refused it. No refresh
+    /// that would replace its refresh token is sent until it is saved.
+    unsaved: MaybeTime,
 }
 
 impl ClientState {
@@ -215,6 +222,22 @@ impl ClientState {
         self.last_refresh_at = MaybeTime::some(now);
         self.reauth_notified_at = MaybeTime::NONE;
         self.error_notified_at = MaybeTime::NONE;
+    }
+
+    /// Notes that the newest token is in memory only; whether that is new.
+    fn mark_unsaved(&mut self, now: i64) -> bool {
+        let new = self.unsaved.get().is_none();
+        if new {
+            self.unsaved = MaybeTime::some(now);
+        }
+        new
+    }
+
+    /// Notes that everything is saved; whether something was not.
+    fn mark_saved(&mut self) -> bool {
+        let was = self.unsaved.get().is_some();
+        self.unsaved = MaybeTime::NONE;
+        was
     }
 
     fn row(&self, name: &str) -> ClientRow {
@@ -273,6 +296,23 @@ impl Client {
         (servable(&st, &cfg) && t.valid_for(now_ms(), min_valid)).then(|| t.clone())
     }
 
+    /// Whether the newest token is held in memory only.
+    pub fn is_unsaved(&self) -> bool {
+        self.state().unsaved.get().is_some()
+    }
+
+    /// Why the token served is held in memory only, if it is.
+    pub fn unsaved_warning(&self) -> Option<String> {
+        let st = self.state();
+        st.unsaved.get().map(|since| {
+            format!(
+                "the token is held in memory only since {}: the database cannot take it ({}); it would be lost if the daemon stopped now",
+                crate::token::show_time(since),
+                st.last_error.as_deref().unwrap_or("a write failed")
+            )
+        })
+    }
+
     fn state(&self) -> MutexGuard<'_, ClientState> {
         // A panic elsewhere must not take every later request down with it.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -324,11 +364,23 @@ pub struct Counters {
     pub authorizations: AtomicU64,
     pub sink_errors: AtomicU64,
     pub store_errors: AtomicU64,
+    /// Clients whose newest token is in memory only (the database refused it).
+    pub unsaved: AtomicI64,
     pub reloads: AtomicU64,
     pub reload_errors: AtomicU64,
 }
 
 impl Counters {
+    /// Follows a client's state from unsaved to saved or back.
+    fn unsaved_changed(&self, became_unsaved: bool, became_saved: bool) {
+        if became_unsaved {
+            self.unsaved.fetch_add(1, Ordering::Relaxed);
+        }
+        if became_saved {
+            self.unsaved.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Counts a refresh that ended, and tells whoever waits for one.
     pub fn count_refresh(&self, ok: bool) {
         let counter = if ok {
@@ -483,6 +535,13 @@ impl Registry {
                 let registry = driver.clone();
                 driver.tasks.spawn(async move {
                     if let Some(client) = registry.client(&name) {
+                        if client.state().unsaved.get().is_some() {
+                            // Saving what is held comes first; its timer says when to retry.
+                            registry.save_unsaved(&client).await;
+                            if client.state().unsaved.get().is_some() {
+                                return;
+                            }
+                        }
                         registry.warn_if_grant_ends_soon(&client).await;
                         registry.remind_if_due(&client).await;
                         let due = client
@@ -1126,23 +1185,57 @@ impl Registry {
         };
         let permit = self.endpoint_permit(&cfg).await;
         let rotates = cfg.profile.refresh_token_rotation != Rotation::Never
-            && cfg.profile.refresh_mechanism == RefreshMechanism::RefreshToken;
-        if rotates
+            && cfg.profile.refresh_mechanism == RefreshMechanism::RefreshToken
             && !cfg.grant.unattended()
-            && old.as_ref().is_some_and(|t| t.refresh_token.is_some())
-        {
-            let intent = {
+            && old.as_ref().is_some_and(|t| t.refresh_token.is_some());
+        let unsaved = client.state().unsaved.get().is_some();
+        if rotates || unsaved {
+            // The intent before a request that may rotate the refresh token, and the token
+            // held in memory only, if any: a rotating refresh waits until that is saved.
+            let writes = {
                 let mut st = client.state();
-                st.refresh_started_at = MaybeTime::some(now_ms());
-                st.row(&client.name)
+                if rotates {
+                    st.refresh_started_at = MaybeTime::some(now_ms());
+                }
+                let mut writes = vec![Write::Client(st.row(&client.name))];
+                if unsaved {
+                    writes.push(Write::Token {
+                        client: client.name.to_string(),
+                        token: st.token.clone().map(|t| (t, st.generation)),
+                    });
+                }
+                writes
             };
-            if let Err(e) = self.store.commit(vec![Write::Client(intent)]).await {
-                drop(permit);
-                client.state().refresh_started_at = MaybeTime::NONE;
-                let e = GrantError::transient(format!(
-                    "cannot record the refresh before sending it (its answer could not be saved either): {e}"
-                ));
-                return Err(self.refresh_failed(client, &cfg, e).await);
+            match self.store.commit(writes).await {
+                Ok(()) if unsaved => {
+                    let was = client.state().mark_saved();
+                    self.counters.unsaved_changed(false, was);
+                }
+                Ok(()) => {}
+                Err(e) if rotates && unsaved => {
+                    // Not a failed refresh: none was sent. Saving is retried on its own timer.
+                    drop(permit);
+                    let mut st = client.state();
+                    st.refresh_started_at = MaybeTime::NONE;
+                    if st.status == Status::Refreshing {
+                        st.status = Status::Valid;
+                    }
+                    return Err(RegistryError::Server {
+                        client: client.name.to_string(),
+                        message: format!(
+                            "the newest token is not saved yet ({e}); no refresh that would replace its refresh token is sent until it is"
+                        ),
+                    });
+                }
+                Err(e) if rotates => {
+                    drop(permit);
+                    client.state().refresh_started_at = MaybeTime::NONE;
+                    let e = GrantError::transient(format!(
+                        "cannot record the refresh before sending it (its answer could not be saved either): {e}"
+                    ));
+                    return Err(self.refresh_failed(client, &cfg, e).await);
+                }
+                Err(_) => {}
             }
         }
         let read_on = self.clock_shift.load(Ordering::SeqCst);
@@ -1285,8 +1378,13 @@ impl Registry {
             };
             if let Err(e) = &committed {
                 // Keep the token in memory (a rotated refresh token is the only one that works
-                // now) and try to save it again soon with a new one.
+                // now), serve it, say so, and save it as soon as the database takes it.
                 st.last_error = Some(format!("cannot save the token: {e}"));
+                let new = st.mark_unsaved(now);
+                self.counters.unsaved_changed(new, false);
+            } else {
+                let was = st.mark_saved();
+                self.counters.unsaved_changed(false, was);
             }
             if identity_changed && st.status == Status::NeedsReauth {
                 st.reason = Some(IDENTITY_CHANGED.into());
@@ -1303,10 +1401,8 @@ impl Registry {
         }
         if let Err(e) = committed {
             self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(client = %client.name, "token obtained but not saved, sinks not written: {e}");
-            let retry = now_ms() + client.config().refresh.retry_initial.as_millis() as i64;
-            client.state().next_refresh_at = MaybeTime::some(retry);
-            self.scheduler.set(client.name.clone(), retry);
+            tracing::error!(client = %client.name, "token obtained but not saved: it is served from memory, its token files are not written, and no refresh that would replace its refresh token is sent until it is saved: {e}");
+            self.retry_save_later(client, now_ms());
             return Ok(token);
         }
         self.counters.count_refresh(true);
@@ -1323,6 +1419,65 @@ impl Registry {
         }
         self.tell(client, notice);
         Ok(token)
+    }
+
+    /// Sets the client's timer to try saving its token again: sooner at first, then half as
+    /// long as it has been unsaved, within the client's retry bounds.
+    fn retry_save_later(&self, client: &Client, now: i64) {
+        let policy = client.config().refresh.clone();
+        let retry = {
+            let mut st = client.state();
+            let since = st.unsaved.get().unwrap_or(now);
+            let wait = ((now - since) / 2).clamp(
+                policy.retry_initial.as_millis() as i64,
+                policy.retry_max.as_millis() as i64,
+            );
+            st.next_refresh_at = MaybeTime::some(now + wait);
+            now + wait
+        };
+        self.scheduler.set(client.name.clone(), retry);
+    }
+
+    /// Saves a token held in memory only, then writes its token files; on failure, tries
+    /// again later.
+    async fn save_unsaved(&self, client: &Arc<Client>) {
+        let _flight = client.flight.lock().await;
+        let (writes, since) = {
+            let st = client.state();
+            let Some(since) = st.unsaved.get() else {
+                return;
+            };
+            let writes = vec![
+                Write::Client(st.row(&client.name)),
+                Write::Token {
+                    client: client.name.to_string(),
+                    token: st.token.clone().map(|t| (t, st.generation)),
+                },
+            ];
+            (writes, since)
+        };
+        if let Err(e) = self.store.commit(writes).await {
+            self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
+            client.state().last_error = Some(format!("cannot save the token: {e}"));
+            tracing::error!(client = %client.name, "the token held in memory since {} still cannot be saved: {e}", crate::token::show_time(since));
+            self.retry_save_later(client, now_ms());
+            return;
+        }
+        let token = {
+            let mut st = client.state();
+            let was = st.mark_saved();
+            self.counters.unsaved_changed(false, was);
+            st.last_error = None;
+            st.token.clone()
+        };
+        tracing::info!(client = %client.name, "the token held in memory since {} is saved", crate::token::show_time(since));
+        self.schedule_from_state(client);
+        let cfg = client.config();
+        let servable = servable(&client.state(), &cfg);
+        if let Some(token) = token.filter(|_| servable) {
+            self.write_sinks(&client.name, cfg.sinks.clone(), token)
+                .await;
+        }
     }
 
     async fn refresh_failed(
@@ -2134,6 +2289,9 @@ impl Registry {
             .commit(writes)
             .await
             .map_err(|e| RegistryError::Internal(e.to_string()))?;
+        // A token that was held in memory only is gone on purpose.
+        let was = client.state().mark_saved();
+        self.counters.unsaved_changed(false, was);
         self.cancel_authorizations(client);
         self.clear_sinks(name, client.config().sinks.clone()).await;
         Ok(())
@@ -2197,6 +2355,22 @@ impl Registry {
     pub fn store(&self) -> &Store {
         &self.store
     }
+
+    /// What is wrong while the daemon serves on, for health: the database failing, tokens
+    /// held in memory only. Cheap: health is asked often.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(why) = self.store.health().failing {
+            problems.push(format!("the database's last write failed: {why}"));
+        }
+        let unsaved = self.counters.unsaved.load(Ordering::Relaxed);
+        if unsaved > 0 {
+            problems.push(format!(
+                "{unsaved} client(s) hold their newest token in memory only (status unsaved)"
+            ));
+        }
+        problems
+    }
 }
 
 fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
@@ -2218,6 +2392,7 @@ fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
         clock: MaybeTime::NONE,
         refresh_started_at: MaybeTime::NONE,
         interrupted_at: MaybeTime::NONE,
+        unsaved: MaybeTime::NONE,
     };
     if let Some(s) = stored {
         st.fingerprint = s.row.fingerprint;
@@ -2329,6 +2504,9 @@ fn time_to_tell(told_at: Option<i64>, repeat: Option<Duration>, now: i64) -> boo
 fn effective_status(c: &Client) -> Status {
     let cfg = c.config();
     let st = c.state();
+    if st.unsaved.get().is_some() {
+        return Status::Unsaved;
+    }
     match &st.token {
         Some(t)
             if st.status == Status::Valid

@@ -175,12 +175,31 @@ struct Unit {
     done: oneshot::Sender<Result<(), StoreError>>,
 }
 
+/// What the writer thread is sent.
+enum Msg {
+    Unit(Unit),
+    /// Look whether the database's files are still the ones open (a file event said they may
+    /// not be).
+    CheckFiles,
+}
+
+/// How the store is doing, for `status`, health and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    /// Why the last commit failed, until one succeeds.
+    pub failing: Option<String>,
+    /// Times the database's files were found deleted or replaced under the daemon and were
+    /// written again from what it held.
+    pub rescues: u64,
+}
+
 /// A handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     path: PathBuf,
-    tx: mpsc::UnboundedSender<Unit>,
+    tx: mpsc::UnboundedSender<Msg>,
     sealer: Sealer,
+    health: std::sync::Arc<std::sync::Mutex<Health>>,
 }
 
 impl Store {
@@ -191,6 +210,7 @@ impl Store {
         sealer: Sealer,
     ) -> Result<(Store, std::thread::JoinHandle<()>), StoreError> {
         let mut conn = open_connection(path, true)?;
+        check_integrity(&conn, path)?;
         if sealer.is_on() {
             // Deleted and overwritten values are zeroed, not left in free space.
             conn.execute_batch("PRAGMA secure_delete = ON;")
@@ -204,11 +224,18 @@ impl Store {
                 "stored secrets rewritten for the configured encryption keys"
             );
         }
-        let writer_sealer = sealer.clone();
+        let health = std::sync::Arc::new(std::sync::Mutex::new(Health::default()));
+        let writer = Writer {
+            files: FileIds::of(path),
+            conn,
+            path: path.to_path_buf(),
+            sealer: sealer.clone(),
+            health: health.clone(),
+        };
         let (tx, rx) = mpsc::unbounded_channel();
-        let writer = std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, rx, writer_sealer))
+            .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Open {
                 path: path.to_path_buf(),
                 message: format!("cannot start the writer: {e}"),
@@ -218,16 +245,31 @@ impl Store {
                 path: path.to_path_buf(),
                 tx,
                 sealer,
+                health,
             },
-            writer,
+            thread,
         ))
+    }
+
+    /// Asks the writer to look whether the database's files are still those it has open, and
+    /// to write them again from what it holds if not.
+    pub fn check_files(&self) {
+        let _ = self.tx.send(Msg::CheckFiles);
+    }
+
+    /// How the store is doing.
+    pub fn health(&self) -> Health {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Commits `writes` as one unit; returns once it is durable.
     pub async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Unit { writes, done })
+            .send(Msg::Unit(Unit { writes, done }))
             .map_err(|_| StoreError::Closed)?;
         wait.await.map_err(|_| StoreError::Closed)?
     }
@@ -448,17 +490,32 @@ fn open_connection(path: &Path, create: bool) -> Result<Connection, StoreError> 
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(|e| fail(e.to_string()))?;
     conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| fail(unreadable(&e, path).unwrap_or_else(|| e.to_string())))?;
     if create {
-        migrate(&conn).map_err(fail)?;
+        migrate(&conn, path).map_err(fail)?;
     }
     Ok(conn)
 }
 
-fn migrate(conn: &Connection) -> Result<(), String> {
-    let version: usize = conn
-        .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
-        .map_err(|e| e.to_string())? as usize;
+/// Why a database cannot be used, and the way out.
+fn damaged_message(path: &Path, what: &str) -> String {
+    format!(
+        "the database is damaged ({what}); restore it from a backup, or move it aside to start with an empty one (every client will need authorizing again): mv {0} {0}.damaged",
+        path.display()
+    )
+}
+
+/// The message for a file SQLite cannot read as a database at all.
+fn unreadable(e: &rusqlite::Error, path: &Path) -> Option<String> {
+    use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+    matches!(e.sqlite_error_code(), Some(NotADatabase | DatabaseCorrupt))
+        .then(|| damaged_message(path, &e.to_string()))
+}
+
+fn migrate(conn: &Connection, path: &Path) -> Result<(), String> {
+    let version: usize =
+        conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+            .map_err(|e| unreadable(&e, path).unwrap_or_else(|| e.to_string()))? as usize;
     if version > MIGRATIONS.len() {
         return Err(format!(
             "schema version {version} was written by a newer oauth2mci (this one knows {}); refusing to touch it",
@@ -478,22 +535,247 @@ fn migrate(conn: &Connection) -> Result<(), String> {
     Ok(())
 }
 
-fn writer_loop(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Unit>, sealer: Sealer) {
-    let mut batch = Vec::new();
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_UNITS_PER_COMMIT {
-            match rx.try_recv() {
-                Ok(unit) => batch.push(unit),
-                Err(_) => break,
-            }
+/// The device and inode of the database's files, as the writer opened them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct FileIds {
+    db: Option<(u64, u64)>,
+    wal: Option<(u64, u64)>,
+    shm: Option<(u64, u64)>,
+}
+
+fn companion(path: &Path, suffix: &str) -> PathBuf {
+    PathBuf::from(format!("{}{suffix}", path.display()))
+}
+
+impl FileIds {
+    fn of(path: &Path) -> FileIds {
+        use std::os::unix::fs::MetadataExt;
+        let id = |p: PathBuf| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+        FileIds {
+            db: id(path.to_path_buf()),
+            wal: id(companion(path, "-wal")),
+            shm: id(companion(path, "-shm")),
         }
-        commit_batch(&mut conn, &mut batch, &sealer);
+    }
+
+    /// What became of the files open as `self`, now `now`, if anything did. A file not there
+    /// when opened (the log before the first write) is taken as it comes.
+    fn lost(&self, now: &FileIds) -> Option<&'static str> {
+        let changed = |was: Option<(u64, u64)>, is: Option<(u64, u64)>| was.is_some() && was != is;
+        if changed(self.db, now.db) {
+            Some(if now.db.is_none() {
+                "the database file was deleted"
+            } else {
+                "the database file was replaced"
+            })
+        } else if changed(self.wal, now.wal) {
+            Some(if now.wal.is_none() {
+                "its write-ahead log (-wal) was deleted"
+            } else {
+                "its write-ahead log (-wal) was replaced"
+            })
+        } else if changed(self.shm, now.shm) {
+            Some("its shared-memory file (-shm) was deleted or replaced")
+        } else {
+            None
+        }
     }
 }
 
-fn commit_batch(conn: &mut Connection, batch: &mut Vec<Unit>, sealer: &Sealer) {
+/// The thread that owns the writing connection.
+struct Writer {
+    conn: Connection,
+    path: PathBuf,
+    sealer: Sealer,
+    files: FileIds,
+    health: std::sync::Arc<std::sync::Mutex<Health>>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        let mut batch = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                if let Msg::Unit(unit) = msg {
+                    batch.push(unit);
+                }
+                if batch.len() < MAX_UNITS_PER_COMMIT {
+                    next = rx.try_recv().ok();
+                }
+            }
+            // Two or three stat calls a transaction: a database deleted or replaced under the
+            // daemon is seen before anything more is written into the lost file.
+            self.check_files();
+            if batch.is_empty() {
+                continue;
+            }
+            let failed = commit_batch(&mut self.conn, &mut batch, &self.sealer);
+            self.health
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .failing = failed;
+        }
+    }
+
+    fn check_files(&mut self) {
+        let now = FileIds::of(&self.path);
+        if self.files.wal.is_none() && now.wal.is_some()
+            || self.files.shm.is_none() && now.shm.is_some()
+        {
+            // Made since the connection opened (the first write): ours.
+            self.files = FileIds {
+                db: self.files.db,
+                ..now
+            };
+        }
+        let Some(what) = self.files.lost(&now) else {
+            return;
+        };
+        tracing::error!(
+            "{what} under the running daemon ({}): what was committed lives on only in the daemon's open files and would be lost at the next stop; writing it to a new database there",
+            self.path.display()
+        );
+        match self.rescue() {
+            Ok(aside) => {
+                self.health
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .rescues += 1;
+                tracing::error!(
+                    "the database {} was written again from what the daemon held; nothing committed was lost{}",
+                    self.path.display(),
+                    aside
+                        .map(|p| format!(" (the file found there was moved to {})", p.display()))
+                        .unwrap_or_default()
+                );
+            }
+            Err(e) => {
+                tracing::error!("cannot write the database again: {e}; retrying at the next write");
+                self.health
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .failing = Some(format!("{what}, and it cannot be written again: {e}"));
+            }
+        }
+    }
+
+    /// Writes everything the open connection sees (the lost files included) to a new database
+    /// file, puts it at the database's path (moving aside a file that is not ours), and opens
+    /// it. Returns where a foreign file was moved.
+    fn rescue(&mut self) -> Result<Option<PathBuf>, String> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = self.path.parent().unwrap_or(Path::new("/"));
+        let copy = dir.join(format!(".state.db.rescue-{}", std::process::id()));
+        let _ = std::fs::remove_file(&copy);
+        self.conn
+            .execute("VACUUM INTO ?1", [copy.to_string_lossy()])
+            .map_err(|e| format!("cannot copy the open database: {e}"))?;
+        std::fs::File::open(&copy)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| format!("cannot sync {}: {e}", copy.display()))?;
+        // Closed: SQLite folds its log into the file it has open and removes the log's name.
+        let placeholder = Connection::open_in_memory().map_err(|e| e.to_string())?;
+        drop(std::mem::replace(&mut self.conn, placeholder));
+        let foreign = std::fs::metadata(&self.path)
+            .ok()
+            .is_some_and(|m| Some((m.dev(), m.ino())) != self.files.db);
+        let mut aside = None;
+        if foreign {
+            let stamp = crate::token::now_ms() / 1000;
+            let to = companion(&self.path, &format!(".replaced-{stamp}"));
+            std::fs::rename(&self.path, &to)
+                .map_err(|e| format!("cannot move the file found at the path aside: {e}"))?;
+            for suffix in ["-wal", "-shm"] {
+                let _ = std::fs::rename(companion(&self.path, suffix), companion(&to, suffix));
+            }
+            aside = Some(to);
+        }
+        // A log left at the path is not the new file's: it must not be applied to it.
+        for suffix in ["-wal", "-shm", "-journal"] {
+            let _ = std::fs::remove_file(companion(&self.path, suffix));
+        }
+        std::fs::rename(&copy, &self.path)
+            .map_err(|e| format!("cannot put the copy in place: {e}"))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| e.to_string())?;
+        let conn = open_connection(&self.path, false).map_err(|e| e.to_string())?;
+        if self.sealer.is_on() {
+            conn.execute_batch("PRAGMA secure_delete = ON;")
+                .map_err(|e| e.to_string())?;
+        }
+        // The log and shared memory are made by the first transaction: start one now.
+        conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
+            .map_err(|e| e.to_string())?;
+        self.conn = conn;
+        self.files = FileIds::of(&self.path);
+        Ok(aside)
+    }
+}
+
+/// What `PRAGMA integrity_check` says, line by line, of a database that is not in order
+/// (`quick_check` would skip whether the indexes hold what the tables do).
+fn integrity_problems(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare("PRAGMA integrity_check(20)")?;
+    let lines = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    let lines: Vec<String> = lines.collect::<Result<_, _>>()?;
+    Ok(if lines == ["ok"] { Vec::new() } else { lines })
+}
+
+/// Whether every problem is one REINDEX repairs: entries missing from an index, or extra.
+fn index_only(problems: &[String]) -> bool {
+    problems.iter().all(|p| {
+        (p.starts_with("row ") && p.contains(" missing from index "))
+            || p.starts_with("wrong # of entries in index ")
+            || p.starts_with("non-unique entry in index ")
+    })
+}
+
+/// Refuses a damaged database with the way out, and repairs what only damages its indexes.
+/// `PRAGMA integrity_check` reads every page and compares every index with its table: 0.2 s
+/// for a 40 MB database of 100,000 clients, on the store's own thread at start (beside the
+/// configuration's parsing from 5,000 clients up).
+fn check_integrity(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let damaged = |what: String| StoreError::Open {
+        path: path.to_path_buf(),
+        message: damaged_message(path, &what),
+    };
+    let problems = integrity_problems(conn).map_err(|e| damaged(e.to_string()))?;
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let shown = |p: &[String]| {
+        let first = crate::text::one_line(&p[0], 200);
+        match p.len() {
+            1 => format!("integrity_check: {first}"),
+            n => format!("integrity_check: {first}, and {} more", n - 1),
+        }
+    };
+    if !index_only(&problems) {
+        return Err(damaged(shown(&problems)));
+    }
+    conn.execute_batch("REINDEX;")
+        .map_err(|e| damaged(format!("{}; REINDEX failed: {e}", shown(&problems))))?;
+    let left = integrity_problems(conn).map_err(|e| damaged(e.to_string()))?;
+    if !left.is_empty() {
+        return Err(damaged(shown(&left)));
+    }
+    tracing::warn!(
+        "the database {} had damaged indexes ({}); they were rebuilt with REINDEX, and no row was lost",
+        path.display(),
+        shown(&problems)
+    );
+    Ok(())
+}
+
+/// Commits a batch; returns why the transaction failed, if it did (a unit that fails alone is
+/// told to its caller alone).
+fn commit_batch(conn: &mut Connection, batch: &mut Vec<Unit>, sealer: &Sealer) -> Option<String> {
     let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(batch.len());
+    // A unit refused for what it holds (a broken reference) is its caller's; one refused
+    // because the database cannot write is everyone's.
+    let mut failing = None;
     let outcome = (|| -> rusqlite::Result<()> {
         let mut tx = conn.transaction()?;
         for unit in batch.iter() {
@@ -505,6 +787,9 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Unit>, sealer: &Sealer) {
                 }
                 Err(e) => {
                     drop(sp); // rolls the unit back
+                    if failing.is_none() && the_database_fails(&e) {
+                        failing = Some(e.to_string());
+                    }
                     results.push(Err(StoreError::Write(e.to_string())));
                 }
             }
@@ -521,6 +806,27 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Unit>, sealer: &Sealer) {
         };
         let _ = unit.done.send(result);
     }
+    outcome.err().map(|e| e.to_string()).or(failing)
+}
+
+/// Whether an error says the database cannot take writes at all (locked, full, read-only,
+/// failing I/O, damaged), rather than refusing one unit's content.
+fn the_database_fails(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        e.sqlite_error_code(),
+        Some(
+            DatabaseBusy
+                | DatabaseLocked
+                | SystemIoFailure
+                | DiskFull
+                | ReadOnly
+                | DatabaseCorrupt
+                | CannotOpen
+                | NotADatabase
+                | OutOfMemory
+        )
+    )
 }
 
 fn apply_unit(conn: &Connection, writes: &[Write], sealer: &Sealer) -> rusqlite::Result<()> {
@@ -936,6 +1242,141 @@ mod tests {
                 .expose(),
             "verifier-7f3a9c"
         );
+    }
+
+    /// A store with two clients and some history, closed.
+    async fn filled(path: &Path) {
+        let (store, w) = Store::open(path, Sealer::clear()).unwrap();
+        for name in ["a", "b"] {
+            let writes = vec![
+                Write::Client(row(name)),
+                Write::Token {
+                    client: name.into(),
+                    token: Some((token(&format!("at-{name}")), 1)),
+                },
+                Write::Event(Event {
+                    at: 1,
+                    client: Some(name.into()),
+                    kind: "refreshed".into(),
+                    detail: "x".into(),
+                }),
+            ];
+            store.commit(writes).await.unwrap();
+        }
+        drop(store);
+        w.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn damaged_indexes_are_rebuilt_and_other_damage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        filled(&path).await;
+        // Two indexes of the same table swap their trees: each holds the other's entries.
+        let conn = Connection::open(&path).unwrap();
+        let root = |name: &str| -> i64 {
+            conn.query_row(
+                "SELECT rootpage FROM sqlite_master WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        let (a, b) = (root("events_at"), root("events_client_at"));
+        conn.execute_batch(&format!(
+            "PRAGMA writable_schema = ON;
+             UPDATE sqlite_master SET rootpage = {b} WHERE name = 'events_at';
+             UPDATE sqlite_master SET rootpage = {a} WHERE name = 'events_client_at';"
+        ))
+        .unwrap();
+        drop(conn);
+        let conn = Connection::open(&path).unwrap();
+        let problems = integrity_problems(&conn).unwrap();
+        assert!(
+            !problems.is_empty() && index_only(&problems),
+            "{problems:?}"
+        );
+        drop(conn);
+        let (store, _w) = Store::open(&path, Sealer::clear()).unwrap();
+        assert_eq!(store.load().unwrap().len(), 2, "nothing lost");
+        drop(store);
+
+        // Pages of a table overwritten: refused, with the way out, and the file left as it is.
+        let broken = dir.path().join("broken.db");
+        filled(&broken).await;
+        let mut bytes = std::fs::read(&broken).unwrap();
+        let page = 4096;
+        for b in &mut bytes[page + 8..2 * page] {
+            *b = 0x5a;
+        }
+        std::fs::write(&broken, &bytes).unwrap();
+        let e = Store::open(&broken, Sealer::clear())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("damaged") && e.contains(".damaged"), "{e}");
+        assert_eq!(
+            std::fs::read(&broken).unwrap(),
+            bytes,
+            "a refused file is not changed"
+        );
+        let garbage = dir.path().join("garbage.db");
+        std::fs::write(&garbage, vec![0x42; 8192]).unwrap();
+        let e = Store::open(&garbage, Sealer::clear())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("the database is damaged") && e.contains(".damaged"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_database_deleted_or_replaced_under_the_writer_is_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        filled(&path).await;
+        let (store, w) = Store::open(&path, Sealer::clear()).unwrap();
+        store.commit(vec![Write::Client(row("c"))]).await.unwrap();
+        // Deleted, with its log: the next commit finds out before it writes.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(companion(&path, "-wal")).unwrap();
+        store.commit(vec![Write::Client(row("d"))]).await.unwrap();
+        assert_eq!(store.health().rescues, 1);
+        let names = |store: &Store| -> Vec<String> {
+            store
+                .load()
+                .unwrap()
+                .into_iter()
+                .map(|s| s.row.name)
+                .collect()
+        };
+        assert_eq!(names(&store), ["a", "b", "c", "d"]);
+        // Replaced by another database: moved aside, ours put back.
+        let other = dir.path().join("other.db");
+        filled(&other).await;
+        std::fs::rename(&other, &path).unwrap();
+        store.check_files();
+        store.commit(vec![Write::Client(row("e"))]).await.unwrap();
+        assert_eq!(store.health().rescues, 2);
+        assert_eq!(names(&store), ["a", "b", "c", "d", "e"]);
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| {
+                n.starts_with("state.db.replaced-") && !n.ends_with("-wal") && !n.ends_with("-shm")
+            })
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        drop(store);
+        w.join().unwrap();
+        // What is at the path now is complete on its own.
+        let (store, _w) = Store::open(&path, Sealer::clear()).unwrap();
+        assert_eq!(names(&store), ["a", "b", "c", "d", "e"]);
+        let (t, _) = store.load().unwrap()[0].token.clone().unwrap();
+        assert_eq!(t.access_token.expose(), "at-a");
     }
 
     #[test]

@@ -60,6 +60,10 @@ pub struct TokenReply {
     /// What the provider's profile keeps besides the token (`instance_url`, `realmId`...).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub extra: serde_json::Map<String, serde_json::Value>,
+    /// Why this valid token is not as safe as it looks: held in memory only, the database
+    /// refusing it. The CLI prints it on stderr.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// `POST /v1/clients/{name}/authorize[?method=device]`: what the user must do. Also the
@@ -123,10 +127,15 @@ pub struct ReloadReply {
 /// `GET /v1/health`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Health {
+    /// `ok`, `degraded` (see `problems`) or `stopping`.
     pub status: String,
     pub version: String,
     pub clients: usize,
     pub config: String,
+    /// What is wrong while the daemon serves on: the database failing, tokens held in memory
+    /// only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 /// Every error the API returns.

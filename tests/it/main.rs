@@ -28,3 +28,4 @@ mod retry;
 mod revoke;
 mod sleep;
 mod socket;
+mod store_health;
