@@ -486,13 +486,21 @@ fn in_group(uid: u32, primary: u32, group: u32) -> bool {
         .is_ok_and(|groups| groups.iter().any(|g| g.as_raw() == group))
 }
 
-/// Answers a connection the policy refuses and closes it. The request head is read first
-/// (bounded in size and time), so that the client is done writing and reads the answer.
-async fn refuse(mut stream: Conn, who: String) {
+/// How long a refused connection is given to send its request and read the answer: it holds
+/// no connection slot, but one of the `MAX_REFUSALS`.
+const REFUSAL_TIME: Duration = Duration::from_secs(1);
+
+/// Refused connections answered at once; more are closed unanswered. A flood of connections
+/// from a user the socket refuses (or one past their share) costs this many tasks at most.
+const MAX_REFUSALS: usize = 64;
+
+/// Answers `status` with an error body and closes. The request head is read first (bounded in
+/// size and time), so that the client is done writing and reads the answer.
+async fn answer_and_close(mut stream: Conn, status: &str, code: &str, message: String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
-    let _ = tokio::time::timeout(HEADER_TIMEOUT, async {
+    let _ = tokio::time::timeout(REFUSAL_TIME, async {
         while head.len() < 8192 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
             match stream.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
@@ -502,19 +510,62 @@ async fn refuse(mut stream: Conn, who: String) {
     })
     .await;
     let body = serde_json::to_string(&ErrorReply {
-        error: wire::code::FORBIDDEN.into(),
-        message: format!(
-            "{who} may not use this daemon's socket (socket.allow_users or socket.group in its configuration)"
-        ),
+        error: code.into(),
+        message,
         action: None,
     })
     .unwrap_or_default();
     let answer = format!(
-        "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    let _ = tokio::time::timeout(HEADER_TIMEOUT, stream.write_all(answer.as_bytes())).await;
+    let _ = tokio::time::timeout(REFUSAL_TIME, stream.write_all(answer.as_bytes())).await;
     let _ = stream.shutdown().await;
+}
+
+/// Connections held per user (uid), each within `limits.max_connections_per_user`.
+struct Shares {
+    per_user: usize,
+    held: std::sync::Mutex<HashMap<u32, usize>>,
+}
+
+/// One connection's place in its user's share; given back when dropped.
+struct Share {
+    shares: Arc<Shares>,
+    uid: u32,
+}
+
+impl Shares {
+    fn take(self: &Arc<Self>, uid: u32) -> Option<Share> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let n = held.entry(uid).or_default();
+        if *n >= self.per_user {
+            return None;
+        }
+        *n += 1;
+        Some(Share {
+            shares: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut held = self.shares.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// What a served connection holds until it closes: a slot, and a place in its user's share.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    _share: Share,
 }
 
 /// The API being served: threads that accept connections, and tasks for those that need the
@@ -526,11 +577,15 @@ pub struct Server {
 
 /// What every accepting thread shares.
 struct Acceptor {
-    listener: Listener,
+    /// Replaced when the socket file is lost and bound again (`Server::rebind`).
+    listener: std::sync::RwLock<Arc<Listener>>,
     registry: Arc<Registry>,
     app: Router,
     /// One permit for each connection being served, fast or not.
     slots: Arc<Semaphore>,
+    shares: Arc<Shares>,
+    /// One permit for each refused connection being answered.
+    refusals: Arc<Semaphore>,
     peers: PeerPolicy,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -546,16 +601,21 @@ struct Acceptor {
 pub fn serve(
     listener: Listener,
     registry: Arc<Registry>,
-    max_connections: usize,
-    peers: PeerPolicy,
+    connections: Connections,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) -> Result<Server, String> {
+    let peers = PeerPolicy::new(&registry.config().socket);
     let acceptor = Arc::new(Acceptor {
-        listener,
+        listener: std::sync::RwLock::new(Arc::new(listener)),
         app: router(registry.clone()),
         registry,
-        slots: Arc::new(Semaphore::new(max_connections.max(1))),
+        slots: Arc::new(Semaphore::new(connections.max.max(1))),
+        shares: Arc::new(Shares {
+            per_user: connections.per_user.max(1),
+            held: std::sync::Mutex::new(HashMap::new()),
+        }),
+        refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
         peers,
         shutdown,
         tasks,
@@ -583,7 +643,43 @@ pub fn serve(
     Ok(server)
 }
 
+/// How many socket connections are served at once, and from one user.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Connections {
+    pub max: usize,
+    pub per_user: usize,
+}
+
+/// Binds the socket again for a running server.
+pub struct Rebinder {
+    acceptor: Arc<Acceptor>,
+}
+
+impl Rebinder {
+    /// Binds the socket again at `path` after its file was deleted or replaced by a dead one,
+    /// and accepts there from now on.
+    pub fn rebind(&self, path: &FsPath, mode: u32, gid: Option<u32>) -> Result<(), String> {
+        let fresh = Arc::new(bind(path, mode, gid)?);
+        let old = std::mem::replace(
+            &mut *self
+                .acceptor
+                .listener
+                .write()
+                .unwrap_or_else(|p| p.into_inner()),
+            fresh,
+        );
+        // The accepting threads wake on the old one and go on with the new one.
+        old.wake_all().map_err(|e| e.to_string())
+    }
+}
+
 impl Server {
+    pub fn rebinder(&self) -> Rebinder {
+        Rebinder {
+            acceptor: self.acceptor.clone(),
+        }
+    }
+
     /// Stops accepting (the shutdown token must be cancelled already, or be soon) and waits for
     /// the accepting threads; connections in tasks finish with the other tasks.
     pub async fn stop(mut self) {
@@ -598,20 +694,30 @@ impl Server {
     }
 
     fn wake(&self) {
-        if let Err(e) = self.acceptor.listener.wake_all() {
+        if let Err(e) = self.acceptor.listener().wake_all() {
             tracing::warn!("cannot stop accepting on the socket: {e}");
         }
     }
 }
 
 impl Acceptor {
+    fn listener(&self) -> Arc<Listener> {
+        self.listener
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn run(&self) {
         let mut first = Vec::new();
         loop {
             let Some(permit) = self.slot() else { return };
-            let (mut stream, peer) = match self.listener.accept() {
+            let listener = self.listener();
+            let (mut stream, peer) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(_) if self.shutdown.is_cancelled() => return,
+                // Bound again elsewhere (`Server::rebind`): accept there.
+                Err(_) if !Arc::ptr_eq(&listener, &self.listener()) => continue,
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
                     tracing::warn!("socket accept failed: {e}");
@@ -619,22 +725,47 @@ impl Acceptor {
                     continue;
                 }
             };
-            let refused = match &peer {
-                Ok((uid, gid)) if self.peers.allows(*uid, *gid) => None,
-                Ok((uid, _)) => Some(format!("uid {uid}")),
-                Err(e) => Some(format!("a peer whose credentials cannot be read ({e})")),
+            let (uid, refused) = match &peer {
+                Ok((uid, gid)) if self.peers.allows(*uid, *gid) => (*uid, None),
+                Ok((uid, _)) => (*uid, Some(format!("uid {uid}"))),
+                Err(e) => (
+                    0,
+                    Some(format!("a peer whose credentials cannot be read ({e})")),
+                ),
             };
             if let Some(who) = refused {
                 tracing::warn!("socket connection refused: {who} is not allowed");
-                self.tasks.spawn_on(
-                    async move {
-                        let _permit = permit;
-                        refuse(Conn::new(stream), who).await;
-                    },
-                    &self.runtime,
+                drop(permit);
+                self.refuse(
+                    stream,
+                    "403 Forbidden",
+                    wire::code::FORBIDDEN,
+                    format!(
+                        "{who} may not use this daemon's socket (socket.allow_users or socket.group in its configuration)"
+                    ),
                 );
                 continue;
             }
+            let Some(share) = self.shares.take(uid) else {
+                tracing::debug!(
+                    "socket connection refused: uid {uid} holds its whole share of connections"
+                );
+                drop(permit);
+                self.refuse(
+                    stream,
+                    "503 Service Unavailable",
+                    wire::code::BUSY,
+                    format!(
+                        "uid {uid} holds {} connections already (limits.max_connections_per_user); close some",
+                        self.shares.per_user
+                    ),
+                );
+                continue;
+            };
+            let slot = Slot {
+                _permit: permit,
+                _share: share,
+            };
             if let Err(e) = crate::unix_conn::read_first(&mut stream, &mut first) {
                 tracing::debug!("socket connection: {e}");
                 continue;
@@ -647,18 +778,39 @@ impl Acceptor {
             match answered {
                 Ok(None) => {
                     let conn = Conn::after_first_read(stream, std::mem::take(&mut first));
-                    self.hand_over(conn, Vec::new(), false, permit);
+                    self.hand_over(conn, Vec::new(), false, slot);
                 }
                 Ok(Some((Answered::Done, true))) => {}
                 Ok(Some((Answered::Done, false))) => {
-                    self.hand_over(Conn::answered(stream), Vec::new(), false, permit)
+                    self.hand_over(Conn::answered(stream), Vec::new(), false, slot)
                 }
                 Ok(Some((Answered::Partly(rest), close))) => {
-                    self.hand_over(Conn::answered(stream), rest, close, permit)
+                    self.hand_over(Conn::answered(stream), rest, close, slot)
                 }
                 Err(e) => tracing::debug!("socket connection: {e}"),
             }
         }
+    }
+
+    /// Answers a refused connection and closes it, in a task of the refusals' own pool; when
+    /// that is full, closes it at once.
+    fn refuse(
+        &self,
+        stream: std::os::unix::net::UnixStream,
+        status: &'static str,
+        code: &'static str,
+        message: String,
+    ) {
+        let Ok(permit) = self.refusals.clone().try_acquire_owned() else {
+            return;
+        };
+        self.tasks.spawn_on(
+            async move {
+                let _permit = permit;
+                answer_and_close(Conn::new(stream), status, code, message).await;
+            },
+            &self.runtime,
+        );
     }
 
     /// A permit to serve one more connection, waiting while `max_connections` are served;
@@ -677,12 +829,12 @@ impl Acceptor {
 
     /// Serves `conn` in a task: first the rest of an answer begun on the accepting thread (if
     /// any), then HTTP for as long as the client keeps the connection.
-    fn hand_over(&self, mut conn: Conn, rest: Vec<u8>, close: bool, permit: OwnedSemaphorePermit) {
+    fn hand_over(&self, mut conn: Conn, rest: Vec<u8>, close: bool, slot: Slot) {
         let (app, shutdown) = (self.app.clone(), self.shutdown.clone());
         self.tasks.spawn_on(
             async move {
                 use tokio::io::AsyncWriteExt;
-                let _permit = permit;
+                let _slot = slot;
                 if !rest.is_empty() {
                     match tokio::time::timeout(HEADER_TIMEOUT, conn.write_all(&rest)).await {
                         Ok(Ok(())) => {}

@@ -226,12 +226,13 @@ async fn serve(
     let api = api::serve(
         listener,
         registry.clone(),
-        config.limits.max_connections,
-        api::PeerPolicy::new(&config.socket),
+        descriptor_budget(&config.limits),
         shutdown.clone(),
         tasks.clone(),
     )
     .map_err(start)?;
+    let stop_reason = Arc::new(std::sync::Mutex::new(None::<String>));
+    let socket_watch = watch_socket(&api, &registry, stop_reason.clone());
     let signals = signal_handler(registry.clone()).map_err(start)?;
     if let Some(early) = early {
         early.disarm();
@@ -267,6 +268,7 @@ async fn serve(
     let children = tokio::task::spawn_blocking(|| crate::children::kill_all(CHILD_GRACE));
     drop(watcher);
     drop(state_watch);
+    drop(socket_watch);
     signals.close();
     if let Some(mut cron) = cron {
         let _ = cron.shutdown().await;
@@ -298,7 +300,141 @@ async fn serve(
         tracing::warn!("the database writer did not close in time");
     }
     tracing::info!("stopped");
-    Ok(())
+    match stop_reason.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        Some(reason) => Err(DaemonError::Start(reason)),
+        None => Ok(()),
+    }
+}
+
+/// File descriptors kept for what is not a socket connection: the store's files, the watches,
+/// the log, token files being written, hooks' pipes.
+const RESERVED_FDS: u64 = 256;
+
+/// Raises the soft limit on open files to the hard one, and fits the socket's connections in
+/// it: at most half of what is left after `RESERVED_FDS`, the other half for outgoing requests
+/// and their pooled connections.
+fn descriptor_budget(limits: &config::Limits) -> api::Connections {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (mut soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
+    // An unlimited hard limit is refused for open files: the kernel's own ceiling then.
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let wanted = hard.min(ceiling);
+    if wanted > soft && setrlimit(Resource::RLIMIT_NOFILE, wanted, hard).is_ok() {
+        tracing::debug!("open files: soft limit raised from {soft} to {wanted}");
+        soft = wanted;
+    }
+    let for_sockets = (soft.saturating_sub(RESERVED_FDS) / 2).max(1) as usize;
+    let max = limits.max_connections.min(for_sockets);
+    if max < limits.max_connections {
+        tracing::warn!(
+            "limits.max_connections is {}, but {soft} open files (ulimit -n; LimitNOFILE= under systemd) leave room for {max}: serving at most {max} connections",
+            limits.max_connections
+        );
+    }
+    api::Connections {
+        max,
+        per_user: limits.max_connections_per_user.min(max),
+    }
+}
+
+/// Notices the socket file deleted or replaced, and listens there again; if another process
+/// now listens there, or something else than a socket was put there, stops the daemon with
+/// that reason (systemd then restarts it, and the start says what is wrong).
+fn watch_socket(
+    api: &api::Server,
+    registry: &Arc<Registry>,
+    stop_reason: Arc<std::sync::Mutex<Option<String>>>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let config = registry.config();
+    let path = config.paths.socket.clone();
+    let (mode, gid) = (
+        config.socket.mode,
+        config.socket.group.as_ref().map(|g| g.gid),
+    );
+    let dir = path.parent()?.to_path_buf();
+    let name = path.file_name()?.to_os_string();
+    let id = |p: &Path| {
+        std::fs::symlink_metadata(p)
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    };
+    let mut ours = id(&path);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let relevant = match &event {
+            Err(_) => true,
+            Ok(e) => {
+                matches!(
+                    e.kind,
+                    EventKind::Create(_)
+                        | EventKind::Remove(_)
+                        | EventKind::Modify(notify::event::ModifyKind::Name(_))
+                ) && e
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name() == Some(name.as_os_str()))
+            }
+        };
+        if relevant {
+            let _ = tx.send(());
+        }
+    })
+    .ok()?;
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::warn!("cannot watch {} for the socket file: {e}", dir.display());
+        return None;
+    }
+    let rebinder = api.rebinder();
+    let shutdown = registry.shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                got = rx.recv() => if got.is_none() { return },
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            while rx.try_recv().is_ok() {}
+            let now = id(&path);
+            if now == ours && now.is_some() {
+                continue;
+            }
+            let found = std::fs::symlink_metadata(&path).ok();
+            let stop = |why: String| {
+                tracing::error!("{why}; stopping");
+                *stop_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                shutdown.cancel();
+            };
+            match found {
+                Some(meta) if !meta.file_type().is_socket() => {
+                    return stop(format!(
+                        "the socket file {} was replaced by something that is not a socket, which the daemon does not remove",
+                        path.display()
+                    ));
+                }
+                Some(_) if std::os::unix::net::UnixStream::connect(&path).is_ok() => {
+                    return stop(format!(
+                        "another process now listens on the socket {}",
+                        path.display()
+                    ));
+                }
+                _ => {}
+            }
+            tracing::warn!(
+                "the socket file {} was deleted or replaced; listening there again",
+                path.display()
+            );
+            match rebinder.rebind(&path, mode, gid) {
+                Ok(()) => ours = id(&path),
+                Err(e) => return stop(format!("cannot listen on the socket again: {e}")),
+            }
+        }
+    });
+    Some(watcher)
 }
 
 /// One daemon per state folder: two would refresh the same tokens and invalidate each other's

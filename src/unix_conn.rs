@@ -10,6 +10,7 @@
 //! each way, a third of the time of a whole request. A slow or idle client is then waited for
 //! like any other, without holding a thread.
 
+use std::future::Future;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener as StdListener, UnixStream as StdStream};
@@ -102,7 +103,14 @@ pub struct Conn {
     /// The connection's first read held a whole request without a body that asks to close
     /// the connection: nothing more will be read from it.
     read_all: bool,
+    /// Armed while a write waits for the peer to read: past it, the write fails.
+    write_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
+
+/// How long a write may wait for the peer to read. A peer that never reads its answers (or
+/// pipelines requests without reading) would otherwise hold its connection, and its slot,
+/// for ever.
+pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long a connection accepted before its request arrived is waited for in place (the
 /// client writes right after connecting: a few microseconds) before it goes to the reactor.
@@ -117,6 +125,7 @@ impl Conn {
             registered: None,
             fresh: true,
             read_all: false,
+            write_deadline: None,
         }
     }
 
@@ -129,6 +138,7 @@ impl Conn {
             raw: Some(stream),
             registered: None,
             fresh: false,
+            write_deadline: None,
         }
     }
 
@@ -146,6 +156,29 @@ impl Conn {
             .as_mut()
             .map(Pin::new)
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+    }
+
+    /// What a write through the reactor gave: a write that stays blocked past `WRITE_TIMEOUT`
+    /// fails; one that moves disarms the deadline.
+    fn bounded_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.write_deadline = None;
+            return polled;
+        }
+        let deadline = self
+            .write_deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_TIMEOUT)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer did not read its answer in time",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     /// Runs `op` on the raw socket, if it is still raw; `None` when it would block (or is
@@ -252,7 +285,8 @@ impl AsyncWrite for Conn {
         if let Some(done) = this.try_raw(|s| s.write(buf)) {
             return Poll::Ready(done);
         }
-        this.registered()?.poll_write(cx, buf)
+        let polled = this.registered()?.poll_write(cx, buf);
+        this.bounded_write(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -264,7 +298,8 @@ impl AsyncWrite for Conn {
         if let Some(done) = this.try_raw(|s| s.write_vectored(bufs)) {
             return Poll::Ready(done);
         }
-        this.registered()?.poll_write_vectored(cx, bufs)
+        let polled = this.registered()?.poll_write_vectored(cx, bufs);
+        this.bounded_write(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

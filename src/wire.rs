@@ -159,6 +159,8 @@ pub mod code {
     pub const CONFIG_ERROR: &str = "config_error";
     pub const NOT_FOUND: &str = "not_found";
     pub const FORBIDDEN: &str = "forbidden";
+    /// Too many connections from one user (`limits.max_connections_per_user`).
+    pub const BUSY: &str = "busy";
     pub const SHUTTING_DOWN: &str = "shutting_down";
     pub const INTERNAL: &str = "internal";
 }

@@ -159,6 +159,8 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Socket connections served at once; more wait to be accepted.
     pub max_connections: usize,
+    /// Of those, at most this many from one user (uid): one local user cannot take every slot.
+    pub max_connections_per_user: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -559,6 +561,7 @@ struct RawLimits {
     per_endpoint_rate: Option<Bounded<1, 1_000_000>>,
     request_timeout: Option<Dur>,
     max_connections: Option<Bounded<1, 1_000_000>>,
+    max_connections_per_user: Option<Bounded<1, 1_000_000>>,
 }
 
 /// An integer in `MIN..=MAX`.
@@ -1432,6 +1435,22 @@ impl<'a> Resolver<'a> {
                 .limits
                 .max_connections
                 .map_or(defaults::MAX_CONNECTIONS, |b| b.0) as usize,
+            max_connections_per_user: 0,
+        };
+        let mut limits = limits;
+        // A quarter by default: a user holding their whole share leaves three quarters.
+        limits.max_connections_per_user = match raw.limits.max_connections_per_user {
+            Some(b) if b.0 as usize > limits.max_connections => {
+                return Err(self.error(
+                    &["limits", "max_connections_per_user"],
+                    format!(
+                        "is more than limits.max_connections ({})",
+                        limits.max_connections
+                    ),
+                ));
+            }
+            Some(b) => b.0 as usize,
+            None => (limits.max_connections / 4).max(1),
         };
         if limits.request_timeout < Duration::from_secs(1) {
             return Err(self.error(&["limits", "request_timeout"], "must be at least 1s"));

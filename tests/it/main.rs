@@ -28,4 +28,5 @@ mod retry;
 mod revoke;
 mod sleep;
 mod socket;
+mod socket_edges;
 mod store_health;
