@@ -36,6 +36,8 @@ pub fn run(config_file: &Path) -> Result<(), DaemonError> {
     let begun = std::time::Instant::now();
     // Until the runtime's handler takes over (`serve`): a secret command may run meanwhile.
     let early = crate::children::StopGuard::install();
+    // First: every share of the descriptors is taken from the raised limit.
+    crate::descriptors::raise_limit();
     // With many clients, the store is opened and read while the clients are: both take long.
     let mut opening = None;
     let mut logging = false;
@@ -306,28 +308,12 @@ async fn serve(
     }
 }
 
-/// File descriptors kept for what is not a socket connection: the store's files, the watches,
-/// the log, token files being written, hooks' pipes.
-const RESERVED_FDS: u64 = 256;
-
-/// Raises the soft limit on open files to the hard one, and fits the socket's connections in
-/// it: at most half of what is left after `RESERVED_FDS`, the other half for outgoing requests
-/// and their pooled connections.
+/// Fits the socket's connections in the open-files limit (`descriptors`).
 fn descriptor_budget(limits: &config::Limits) -> api::Connections {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (mut soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
-    // An unlimited hard limit is refused for open files: the kernel's own ceiling then.
-    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|n| n.trim().parse::<u64>().ok())
-        .unwrap_or(1 << 20);
-    let wanted = hard.min(ceiling);
-    if wanted > soft && setrlimit(Resource::RLIMIT_NOFILE, wanted, hard).is_ok() {
-        tracing::debug!("open files: soft limit raised from {soft} to {wanted}");
-        soft = wanted;
-    }
-    let for_sockets = (soft.saturating_sub(RESERVED_FDS) / 2).max(1) as usize;
-    let max = limits.max_connections.min(for_sockets);
+    let soft = crate::descriptors::soft_limit();
+    let max = limits
+        .max_connections
+        .min(crate::descriptors::for_sockets());
     if max < limits.max_connections {
         tracing::warn!(
             "limits.max_connections is {}, but {soft} open files (ulimit -n; LimitNOFILE= under systemd) leave room for {max}: serving at most {max} connections",

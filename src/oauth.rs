@@ -217,6 +217,9 @@ pub fn renewal_grant<'t>(
 pub struct Engine {
     http: std::sync::Arc<std::sync::RwLock<reqwest::Client>>,
     request_timeout: Duration,
+    /// Requests out at once, every endpoint together: each holds a descriptor
+    /// (`descriptors::for_requests`).
+    outgoing: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// Idle pooled connections are dropped sooner than the shortest keep-alive servers commonly
@@ -243,7 +246,21 @@ impl Engine {
         Ok(Engine {
             http: std::sync::Arc::new(std::sync::RwLock::new(http_client(request_timeout)?)),
             request_timeout,
+            outgoing: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                crate::descriptors::for_requests(),
+            )),
         })
+    }
+
+    /// Sends `request` once a descriptor is free for it, and reads the whole answer.
+    async fn send(
+        &self,
+        request: reqwest::Request,
+    ) -> Result<Result<Answer, String>, reqwest::Error> {
+        // Never closed: the engine holds it.
+        let _out = self.outgoing.acquire().await;
+        let resp = self.http().execute(request).await?;
+        Ok(read_answer(resp).await)
     }
 
     /// The client to send with (a cheap handle on the shared pool).
@@ -355,13 +372,13 @@ impl Engine {
             ))
         })?;
         set_headers(&mut request, client);
-        let resp = self.http().execute(request).await.map_err(|e| {
+        let answer = self.send(request).await.map_err(|e| {
             GrantError::transient(format!(
                 "cannot reach the device authorization endpoint {shown}: {}",
                 http_error(e)
             ))
         })?;
-        read_answer(resp).await.map_err(|m| {
+        answer.map_err(|m| {
             GrantError::transient(format!("device authorization endpoint {shown}: {m}"))
         })
     }
@@ -375,14 +392,15 @@ impl Engine {
         let request = token_request(&self.http(), client, &grant)?;
         let url = request.url().clone();
         let shown = shown_url(&url);
-        let resp = self.http().execute(request).await.map_err(|e| {
-            GrantError::transient(format!(
-                "cannot reach the token endpoint {shown}: {}",
-                http_error(e)
-            ))
-        })?;
-        let answer = read_answer(resp)
+        let answer = self
+            .send(request)
             .await
+            .map_err(|e| {
+                GrantError::transient(format!(
+                    "cannot reach the token endpoint {shown}: {}",
+                    http_error(e)
+                ))
+            })?
             .map_err(|m| GrantError::transient(format!("token endpoint {shown}: {m}")))?;
         interpret(&client.profile, &shown, &answer, now_ms())
     }
@@ -392,14 +410,15 @@ impl Engine {
         let request = revoke_request(&self.http(), client, token)?;
         // The template, not the request's URL: `revocation: url` puts the token in the path.
         let shown = client.endpoints.revoke.clone().unwrap_or_default();
-        let resp = self.http().execute(request).await.map_err(|e| {
-            GrantError::transient(format!(
-                "cannot reach the revocation endpoint {shown}: {}",
-                http_error(e)
-            ))
-        })?;
-        let answer = read_answer(resp)
+        let answer = self
+            .send(request)
             .await
+            .map_err(|e| {
+                GrantError::transient(format!(
+                    "cannot reach the revocation endpoint {shown}: {}",
+                    http_error(e)
+                ))
+            })?
             .map_err(|m| GrantError::transient(format!("revocation endpoint {shown}: {m}")))?;
         // Slack says `ok: false` with HTTP 200: a 2xx is a success only without an error in it.
         let fields = parse_body(

@@ -10,6 +10,7 @@ use crate::device::{self, DeviceGrant};
 use crate::notify::{self, Kind, Notice};
 use crate::oauth::{self, Engine, ErrorClass, GrantError, Pkce};
 use crate::provider::{RefreshMechanism, Revocation, Rotation};
+use crate::queue::{Endpoint, Urgency};
 use crate::redirect::{self, Callback, Hub, PendingAuth};
 use crate::scheduler::{self, ClockEvent, Scheduler};
 use crate::sink;
@@ -21,7 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use url::Url;
@@ -395,51 +396,6 @@ impl Counters {
     /// Refreshes ended so far, either way.
     pub fn refreshes_ended(&self) -> u64 {
         self.refresh_ok.load(Ordering::Relaxed) + self.refresh_failed.load(Ordering::Relaxed)
-    }
-}
-
-/// One token endpoint's limits: grant requests in flight, and the pace of scheduled ones.
-struct Endpoint {
-    /// `limits.per_endpoint_concurrency` and `per_endpoint_rate` it was made with.
-    limits: (usize, u32),
-    permits: Arc<Semaphore>,
-    /// When the next scheduled request may start. Held while waiting for it, so that one
-    /// request waits at a time and the next slot counts from when that one really started:
-    /// a late wake-up (a busy moment) never lets a backlog out at once.
-    next_start: tokio::sync::Mutex<tokio::time::Instant>,
-}
-
-impl Endpoint {
-    fn new(concurrency: usize, rate: u32) -> Endpoint {
-        Endpoint {
-            limits: (concurrency, rate),
-            permits: Arc::new(Semaphore::new(concurrency)),
-            next_start: tokio::sync::Mutex::new(tokio::time::Instant::now()),
-        }
-    }
-
-    /// Waits for the next start slot: slots are `1/rate` apart, so that no burst reaches the
-    /// server however many refreshes fall due together. A slot is also taken only once a
-    /// request may go out (a permit is free): a backlog of scheduled refreshes then waits
-    /// here, one at a time, and not in the permits' queue, where a consumer's own refresh
-    /// (which takes no slot) would wait behind all of it when the server is slow.
-    async fn wait_for_start(&self) {
-        // Timers tick by the millisecond: a slot due within one is taken now, or a rate
-        // above 1,000/s could never be reached. At most a millisecond's worth goes together.
-        const SLACK: Duration = Duration::from_millis(1);
-        let spacing = Duration::from_secs(1) / self.limits.1.max(1);
-        let mut next = self.next_start.lock().await;
-        let now = tokio::time::Instant::now();
-        let slot = (*next).max(now);
-        if slot > now + SLACK {
-            tokio::time::sleep_until(slot).await;
-        }
-        // Only a wait: the refresh takes its permit later, after its client's flight lock,
-        // as every refresh does (taking it here could deadlock against a consumer's refresh
-        // that holds the flight lock and waits for a permit).
-        drop(self.permits.acquire().await);
-        let started = tokio::time::Instant::now();
-        *next = (slot + spacing).max(started.checked_sub(SLACK).unwrap_or(started));
     }
 }
 
@@ -1128,16 +1084,32 @@ impl Registry {
         trigger: Trigger,
     ) -> Result<TokenSet, RegistryError> {
         let seen_generation = client.state().generation;
-        if matches!(trigger, Trigger::Scheduled) {
-            // Before the flight lock: a consumer that needs this client's token meanwhile
-            // refreshes it without waiting for the slot, and this refresh then finds it done.
+        let scheduled = matches!(trigger, Trigger::Scheduled);
+        // A scheduled refresh waits for its turn before the flight lock: a consumer that needs
+        // this client's token meanwhile refreshes it without waiting behind the queue, and this
+        // refresh then finds it done.
+        let early = if scheduled {
             let endpoint = self.endpoint(&client.config());
+            let urgency = scheduled_urgency(&client.state());
             tokio::select! {
-                _ = endpoint.wait_for_start() => {}
+                permit = endpoint.acquire(urgency) => Some(permit),
                 _ = self.shutdown.cancelled() => return Err(RegistryError::ShuttingDown),
             }
-        }
-        let _flight = client.flight.lock().await;
+        } else {
+            None
+        };
+        // Never wait for the flight lock holding a permit: whoever holds the lock may be
+        // waiting for one.
+        let (_flight, early) = match early {
+            Some(permit) => match client.flight.try_lock() {
+                Ok(flight) => (flight, Some(permit)),
+                Err(_) => {
+                    drop(permit);
+                    (client.flight.lock().await, None)
+                }
+            },
+            None => (client.flight.lock().await, None),
+        };
         if self.shutdown.is_cancelled() {
             return Err(RegistryError::ShuttingDown);
         }
@@ -1183,7 +1155,17 @@ impl Registry {
             }
             st.token.clone()
         };
-        let permit = self.endpoint_permit(&cfg).await;
+        let mut permit = match early {
+            Some(permit) => permit,
+            None => {
+                let urgency = if scheduled {
+                    scheduled_urgency(&client.state())
+                } else {
+                    Urgency::Waiting
+                };
+                self.endpoint(&cfg).acquire(urgency).await
+            }
+        };
         let rotates = cfg.profile.refresh_token_rotation != Rotation::Never
             && cfg.profile.refresh_mechanism == RefreshMechanism::RefreshToken
             && !cfg.grant.unattended()
@@ -1239,17 +1221,20 @@ impl Registry {
             }
         }
         let read_on = self.clock_shift.load(Ordering::SeqCst);
-        let result = match (cfg.grant, old) {
-            (Grant::ClientCredentials | Grant::JwtBearer, _) => {
-                self.engine.unattended(&cfg, now).await
-            }
-            (Grant::AuthorizationCode | Grant::DeviceCode, Some(old)) => {
-                self.engine.refresh(&cfg, &old, now).await
-            }
-            (Grant::AuthorizationCode | Grant::DeviceCode, None) => {
-                Err(GrantError::needs_user("no token yet"))
+        let request = async {
+            match (cfg.grant, old) {
+                (Grant::ClientCredentials | Grant::JwtBearer, _) => {
+                    self.engine.unattended(&cfg, now).await
+                }
+                (Grant::AuthorizationCode | Grant::DeviceCode, Some(old)) => {
+                    self.engine.refresh(&cfg, &old, now).await
+                }
+                (Grant::AuthorizationCode | Grant::DeviceCode, None) => {
+                    Err(GrantError::needs_user("no token yet"))
+                }
             }
         };
+        let result = permit.hold_while(request).await;
         drop(permit);
         match result {
             Ok(token) => self.accept(client, &cfg, token, "refreshed", read_on).await,
@@ -1297,19 +1282,11 @@ impl Registry {
         let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         let entry = map
             .entry(cfg.endpoints.token.origin().ascii_serialization())
-            .or_insert_with(|| Arc::new(Endpoint::new(wanted.0, wanted.1)));
-        if entry.limits != wanted {
-            *entry = Arc::new(Endpoint::new(wanted.0, wanted.1));
+            .or_insert_with(|| Endpoint::new(wanted.0, wanted.1));
+        if entry.limits() != wanted {
+            *entry = Endpoint::new(wanted.0, wanted.1);
         }
         entry.clone()
-    }
-
-    async fn endpoint_permit(
-        &self,
-        cfg: &ClientConfig,
-    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let permits = self.endpoint(cfg).permits.clone();
-        permits.acquire_owned().await.ok()
     }
 
     /// Stores a new token: database first, then memory and timer, then sinks, then the hook.
@@ -1873,8 +1850,8 @@ impl Registry {
                 cfg.provider
             )));
         }
-        let permit = self.endpoint_permit(cfg).await;
-        let started = device::start(&self.engine, cfg).await;
+        let mut permit = self.endpoint(cfg).acquire(Urgency::Waiting).await;
+        let started = permit.hold_while(device::start(&self.engine, cfg)).await;
         drop(permit);
         let mut grant = started.map_err(|e| RegistryError::Server {
             client: client.name.to_string(),
@@ -2054,18 +2031,16 @@ impl Registry {
                 "the client's configuration changed during the authorization; start again".into(),
             ));
         }
-        let permit = self.endpoint_permit(&cfg).await;
+        let mut permit = self.endpoint(&cfg).acquire(Urgency::Waiting).await;
         let read_on = self.clock_shift.load(Ordering::SeqCst);
-        let result = self
-            .engine
-            .exchange_code(
-                &cfg,
-                &code,
-                &pending.redirect_uri,
-                pending.verifier.as_ref(),
-                &callback_params,
-            )
-            .await;
+        let exchange = self.engine.exchange_code(
+            &cfg,
+            &code,
+            &pending.redirect_uri,
+            pending.verifier.as_ref(),
+            &callback_params,
+        );
+        let result = permit.hold_while(exchange).await;
         drop(permit);
         match result {
             Ok(token) => {
@@ -2214,8 +2189,8 @@ impl Registry {
                 cfg.provider
             ))
         } else {
-            let permit = self.endpoint_permit(&cfg).await;
-            let result = self.engine.revoke(&cfg, &token).await;
+            let mut permit = self.endpoint(&cfg).acquire(Urgency::Waiting).await;
+            let result = permit.hold_while(self.engine.revoke(&cfg, &token)).await;
             drop(permit);
             result.map_err(|e| e.message)
         };
@@ -2455,6 +2430,20 @@ fn restored_status(st: &ClientState, cfg: &ClientConfig) -> Status {
     }
 }
 
+/// How urgent a client's scheduled refresh is: by its token's expiry (none yet: at once), and
+/// after the healthy clients when its last attempts failed.
+fn scheduled_urgency(st: &ClientState) -> Urgency {
+    let expiry = match &st.token {
+        None => 0,
+        Some(t) => t.expires_at.unwrap_or(i64::MAX),
+    };
+    if st.status == Status::Retrying {
+        Urgency::Retry(expiry)
+    } else {
+        Urgency::Due(expiry)
+    }
+}
+
 /// Whether the daemon may hand out the client's current token.
 fn servable(st: &ClientState, cfg: &ClientConfig) -> bool {
     st.token.is_some()
@@ -2616,74 +2605,6 @@ mod tests {
         }
         // A stored row can hold anything: the one value taken for none reads as none.
         assert_eq!(MaybeTime::from(Some(i64::MIN)).get(), None);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn scheduled_starts_are_spaced_by_the_rate_limit() {
-        let endpoint = Arc::new(Endpoint::new(16, 200));
-        let begun = tokio::time::Instant::now();
-        let starts = futures::future::join_all((0..400).map(|_| {
-            let endpoint = endpoint.clone();
-            async move {
-                endpoint.wait_for_start().await;
-                tokio::time::Instant::now() - begun
-            }
-        }))
-        .await;
-        let mut starts: Vec<Duration> = starts;
-        starts.sort();
-        for (i, at) in starts.iter().enumerate() {
-            // Start i comes i × 5 ms after the first: 200 a second, never two at once.
-            assert_eq!(*at, Duration::from_millis(5) * i as u32, "start {i}");
-        }
-        // After a quiet spell there is no backlog to catch up on: one start, then the pace.
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        let quiet = tokio::time::Instant::now();
-        endpoint.wait_for_start().await;
-        endpoint.wait_for_start().await;
-        assert_eq!(
-            tokio::time::Instant::now() - quiet,
-            Duration::from_millis(5)
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_consumer_waits_behind_one_scheduled_refresh_not_the_backlog() {
-        // One request at a time, and it is slow: the scheduled refreshes back up.
-        let endpoint = Arc::new(Endpoint::new(1, 1_000));
-        let slow = endpoint
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("open");
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let refresh = |who: &'static str, scheduled: bool| {
-            let (endpoint, order) = (endpoint.clone(), order.clone());
-            tokio::spawn(async move {
-                if scheduled {
-                    endpoint.wait_for_start().await;
-                }
-                let permit = endpoint.permits.clone().acquire_owned().await;
-                order.lock().expect("order").push(who);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                drop(permit);
-            })
-        };
-        let backlog: Vec<_> = (0..10).map(|_| refresh("scheduled", true)).collect();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let consumer = refresh("consumer", false);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        drop(slow);
-        consumer.await.expect("the consumer's refresh");
-        for task in backlog {
-            task.await.expect("a scheduled refresh");
-        }
-        let order = order.lock().expect("order").clone();
-        // Without the wait for a permit in the slot, all ten were queued before it: last.
-        let at = order.iter().position(|w| *w == "consumer");
-        assert!(at.is_some_and(|i| i <= 1), "{order:?}");
-        assert_eq!(order.len(), 11);
     }
 
     #[test]

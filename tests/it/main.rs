@@ -21,6 +21,7 @@ mod leaks;
 mod lifecycle;
 mod notifications;
 mod own_files;
+mod partial_outage;
 mod profiles;
 mod provider_flows;
 mod quirks;
