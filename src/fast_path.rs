@@ -77,13 +77,10 @@ pub fn answer(
     request: &TokenRequest,
     registry: &Registry,
 ) -> io::Result<Option<Answered>> {
-    let Some(client) = registry.client(request.name) else {
-        return Ok(None);
-    };
     // A token held in memory only is served with a warning, by the full server.
-    let Some(token) = client
-        .ready_token(request.min_valid)
-        .filter(|_| !client.is_unsaved())
+    let Some(token) = registry
+        .client(request.name)
+        .and_then(|c| c.saved_ready_token(request.min_valid))
     else {
         return Ok(None);
     };

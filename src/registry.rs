@@ -291,15 +291,21 @@ impl Client {
     /// The current token, if it can be served as it is (no refresh to wait for) and stays
     /// valid `min_valid` longer.
     pub fn ready_token(&self, min_valid: Duration) -> Option<TokenSet> {
+        self.ready(min_valid, false)
+    }
+
+    /// `ready_token`, unless the token is held in memory only (the full server then serves it
+    /// with a warning): what the accepting thread may answer by itself, in one lock.
+    pub fn saved_ready_token(&self, min_valid: Duration) -> Option<TokenSet> {
+        self.ready(min_valid, true)
+    }
+
+    fn ready(&self, min_valid: Duration, saved_only: bool) -> Option<TokenSet> {
         let cfg = self.config();
         let st = self.state();
         let t = st.token.as_ref()?;
-        (servable(&st, &cfg) && t.valid_for(now_ms(), min_valid)).then(|| t.clone())
-    }
-
-    /// Whether the newest token is held in memory only.
-    pub fn is_unsaved(&self) -> bool {
-        self.state().unsaved.get().is_some()
+        let held = saved_only && st.unsaved.get().is_some();
+        (!held && servable(&st, &cfg) && t.valid_for(now_ms(), min_valid)).then(|| t.clone())
     }
 
     /// Why the token served is held in memory only, if it is.
