@@ -334,7 +334,7 @@ fn watch_socket(
     registry: &Arc<Registry>,
     stop_reason: Arc<std::sync::Mutex<Option<String>>>,
 ) -> Option<notify::RecommendedWatcher> {
-    use notify::{EventKind, RecursiveMode, Watcher};
+    use notify::{RecursiveMode, Watcher};
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let config = registry.config();
     let path = config.paths.socket.clone();
@@ -354,17 +354,7 @@ fn watch_socket(
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let relevant = match &event {
             Err(_) => true,
-            Ok(e) => {
-                matches!(
-                    e.kind,
-                    EventKind::Create(_)
-                        | EventKind::Remove(_)
-                        | EventKind::Modify(notify::event::ModifyKind::Name(_))
-                ) && e
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name() == Some(name.as_os_str()))
-            }
+            Ok(e) => names_come_or_go(e, &[&name]),
         };
         if relevant {
             let _ = tx.send(());
@@ -488,6 +478,20 @@ fn watch_config(registry: Arc<Registry>) -> Result<crate::watch::Follower, Strin
     Ok(follower)
 }
 
+/// Whether `event` makes one of `names` appear, go or change places (not a write into it).
+fn names_come_or_go<N: AsRef<std::ffi::OsStr>>(event: &notify::Event, names: &[N]) -> bool {
+    use notify::EventKind;
+    matches!(
+        event.kind,
+        EventKind::Create(_)
+            | EventKind::Remove(_)
+            | EventKind::Modify(notify::event::ModifyKind::Name(_))
+    ) && event.paths.iter().any(|p| {
+        p.file_name()
+            .is_some_and(|n| names.iter().any(|m| n == m.as_ref()))
+    })
+}
+
 /// Tells the store when one of its files is removed, renamed or made in the state folder, so
 /// that a database deleted or replaced under an idle daemon is seen at once (a busy one sees
 /// it at its next write anyway). `None` when the folder cannot be watched: then only writes
@@ -498,7 +502,7 @@ fn watch_state(
     store: crate::store::Store,
     lock: Arc<std::sync::Mutex<nix::fcntl::Flock<std::fs::File>>>,
 ) -> Option<notify::RecommendedWatcher> {
-    use notify::{EventKind, RecursiveMode, Watcher};
+    use notify::{RecursiveMode, Watcher};
     const NAMES: [&str; 3] = ["state.db", "state.db-wal", "state.db-shm"];
     let folder = dir.to_path_buf();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -507,22 +511,10 @@ fn watch_state(
             return;
         };
         // Writes change the files all the time; only their names going or coming matter.
-        let named = matches!(
-            event.kind,
-            EventKind::Create(_) | EventKind::Remove(_) | EventKind::Modify(notify::event::ModifyKind::Name(_))
-        );
-        let ours = event
-            .paths
-            .iter()
-            .any(|p| p.file_name().is_some_and(|n| NAMES.iter().any(|m| n == *m)));
-        if named && ours {
+        if names_come_or_go(&event, &NAMES) {
             store.check_files();
         }
-        let lock_gone = matches!(
-            event.kind,
-            EventKind::Remove(_) | EventKind::Modify(notify::event::ModifyKind::Name(_))
-        ) && event.paths.iter().any(|p| p.file_name().is_some_and(|n| n == "lock"))
-            && !folder.join("lock").exists();
+        let lock_gone = names_come_or_go(&event, &["lock"]) && !folder.join("lock").exists();
         if lock_gone {
             // A second daemon could now take the folder: take its lock again first.
             match lock_state_dir(&folder) {

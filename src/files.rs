@@ -178,45 +178,49 @@ const MAX_LINKS: usize = 40;
 /// not, and `.` and `..` applied after each link as the kernel would: two spellings of one
 /// place give the same path, even before the place exists.
 pub fn resolve(path: &Path) -> PathBuf {
+    resolve_noting_links(path).0
+}
+
+/// `resolve`, with the path of every link met on the way, in order.
+pub fn resolve_noting_links(path: &Path) -> (PathBuf, Vec<PathBuf>) {
     let mut out = PathBuf::from("/");
     let start = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let mut rest: VecDeque<OsString> = start
-        .components()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(n.to_os_string()),
-            Component::ParentDir => Some("..".into()),
-            _ => None,
-        })
-        .collect();
-    let mut links = 0;
+    let mut rest: VecDeque<OsString> = components(&start).into();
+    let mut links = Vec::new();
     while let Some(part) = rest.pop_front() {
         if part == ".." {
             out.pop();
             continue;
         }
         let next = out.join(&part);
-        match fs::symlink_metadata(&next) {
-            Ok(meta) if meta.file_type().is_symlink() && links < MAX_LINKS => {
-                links += 1;
-                let Ok(target) = fs::read_link(&next) else {
-                    out = next;
-                    continue;
-                };
-                if target.is_absolute() {
-                    out = PathBuf::from("/");
-                }
-                for c in target.components().rev() {
-                    match c {
-                        Component::Normal(n) => rest.push_front(n.to_os_string()),
-                        Component::ParentDir => rest.push_front("..".into()),
-                        _ => {}
-                    }
-                }
-            }
-            _ => out = next,
+        let target = fs::symlink_metadata(&next)
+            .ok()
+            .filter(|meta| meta.file_type().is_symlink() && links.len() < MAX_LINKS)
+            .and_then(|_| fs::read_link(&next).ok());
+        let Some(target) = target else {
+            out = next;
+            continue;
+        };
+        links.push(next);
+        if target.is_absolute() {
+            out = PathBuf::from("/");
+        }
+        for part in components(&target).into_iter().rev() {
+            rest.push_front(part);
         }
     }
-    out
+    (out, links)
+}
+
+/// A path's parts that name something (`..` included), without the root and `.`.
+fn components(path: &Path) -> Vec<OsString> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The daemon's own files and folders, which no token file may replace or remove: the

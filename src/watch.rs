@@ -13,9 +13,8 @@
 
 use notify::{RecursiveMode, Watcher};
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -33,46 +32,14 @@ pub struct Interest {
     entries: BTreeSet<PathBuf>,
 }
 
-/// The most links followed on the way to the file, as the kernel's limit.
-const MAX_LINKS: usize = 40;
-
 impl Interest {
     /// The entries on the way to `file` and the folders to watch for them.
     pub fn of(file: &Path) -> Interest {
-        let mut entries = BTreeSet::new();
         let start = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
-        entries.insert(start.clone());
-        // Walk the path component by component, following links and noting each one.
-        let mut at = PathBuf::from("/");
-        let mut rest: Vec<OsString> = components(&start);
-        rest.reverse();
-        let mut links = 0;
-        while let Some(part) = rest.pop() {
-            if part == ".." {
-                at.pop();
-                continue;
-            }
-            let next = at.join(&part);
-            match std::fs::symlink_metadata(&next) {
-                Ok(meta) if meta.file_type().is_symlink() && links < MAX_LINKS => {
-                    links += 1;
-                    entries.insert(next.clone());
-                    match std::fs::read_link(&next) {
-                        Ok(target) => {
-                            if target.is_absolute() {
-                                at = PathBuf::from("/");
-                            }
-                            let mut more = components(&target);
-                            more.reverse();
-                            rest.extend(more);
-                        }
-                        Err(_) => at = next,
-                    }
-                }
-                _ => at = next,
-            }
-        }
-        entries.insert(at);
+        let (target, links) = crate::files::resolve_noting_links(&start);
+        let mut entries: BTreeSet<PathBuf> = links.into_iter().collect();
+        entries.insert(start);
+        entries.insert(target);
         // Each folder that holds an entry is itself an entry of the folder above it: its
         // removal or replacement is then seen too.
         let holders: Vec<PathBuf> = entries
@@ -105,16 +72,6 @@ impl Interest {
     fn concerns(&self, path: &Path) -> bool {
         self.entries.contains(path) || self.folders.contains_key(path)
     }
-}
-
-fn components(path: &Path) -> Vec<OsString> {
-    path.components()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(n.to_os_string()),
-            Component::ParentDir => Some("..".into()),
-            _ => None,
-        })
-        .collect()
 }
 
 /// Why the follower reports.

@@ -8,8 +8,6 @@ use crate::common::*;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
 
 /// Whether the process `pid` is gone (or a zombie nobody waits for any more).
 fn gone(pid: i32) -> bool {
@@ -30,25 +28,13 @@ fn pid_in(file: &Path) -> i32 {
     pid.unwrap()
 }
 
-async fn token_server() -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(
-            serde_json::json!({"access_token": "tok", "token_type": "Bearer", "expires_in": 3600}),
-        ))
-        .mount(&server)
-        .await;
-    server
-}
-
 fn sh(script: &str) -> String {
     serde_json::to_string(&["sh", "-c", script]).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hooks_get_a_clean_environment_and_their_groups_end_with_the_daemon() {
-    let server = token_server().await;
+    let server = fixed_token_endpoint("tok").await;
     let dir = tempfile::tempdir().unwrap();
     let env_out = dir.path().join("env");
     let bg = dir.path().join("background.pid");
@@ -117,7 +103,7 @@ async fn hooks_get_a_clean_environment_and_their_groups_end_with_the_daemon() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_command_runs_once_per_load_and_sigterm_beats_a_hanging_one() {
-    let server = token_server().await;
+    let server = fixed_token_endpoint("tok").await;
     let dir = tempfile::tempdir().unwrap();
     let counter = dir.path().join("count");
     let key_command = sh(&format!(

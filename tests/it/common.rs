@@ -524,3 +524,20 @@ pub fn write_file(path: &Path, text: &str) {
     let mut f = std::fs::File::create(path).unwrap();
     f.write_all(text.as_bytes()).unwrap();
 }
+
+/// A token endpoint on 127.0.0.1 (`POST {uri}/token`) that gives every request the same
+/// hour-long `access_token`.
+pub async fn fixed_token_endpoint(access_token: &str) -> wiremock::MockServer {
+    use wiremock::matchers::{method, path};
+    let server = wiremock::MockServer::start().await;
+    wiremock::Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(
+            wiremock::ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "access_token": access_token, "token_type": "Bearer", "expires_in": 3600
+            })),
+        )
+        .mount(&server)
+        .await;
+    server
+}

@@ -10,20 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
-
-async fn token_server() -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(
-            serde_json::json!({"access_token": "tok", "token_type": "Bearer", "expires_in": 3600}),
-        ))
-        .mount(&server)
-        .await;
-    server
-}
+use wiremock::MockServer;
 
 fn clients(server: &MockServer, count: usize) -> String {
     (0..count)
@@ -118,7 +105,7 @@ async fn one_user_gets_a_share_and_refused_floods_cost_a_bounded_pool() {
         eprintln!("skipped: needs root to connect as another user");
         return;
     }
-    let server = token_server().await;
+    let server = fixed_token_endpoint("tok").await;
     let daemon = Daemon::start(
         "socket:\n  allow_users: [nobody]\nlimits:\n  max_connections: 64\n  max_connections_per_user: 8\n",
         &clients(&server, 1),
@@ -150,7 +137,7 @@ async fn one_user_gets_a_share_and_refused_floods_cost_a_bounded_pool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_never_reads_is_cut_off_and_delays_nobody() {
-    let server = token_server().await;
+    let server = fixed_token_endpoint("tok").await;
     let daemon = Daemon::start("", &clients(&server, 60));
     wait_for("the tokens", Duration::from_secs(10), || {
         daemon.status_of("c59") == "valid"
