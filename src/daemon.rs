@@ -234,14 +234,17 @@ async fn serve(
     )
     .map_err(start)?;
     let stop_reason = Arc::new(std::sync::Mutex::new(None::<String>));
-    let socket_watch = watch_socket(&api, &registry, stop_reason.clone());
     let signals = signal_handler(registry.clone()).map_err(start)?;
     if let Some(early) = early {
         early.disarm();
     }
-    let watcher = watch_config(registry.clone()).map_err(start)?;
+    // One watcher for the configuration, the state folder and the socket's folder.
+    let watches = crate::watch::Watches::new().map_err(start)?;
+    let watcher = watch_config(&watches, registry.clone());
+    watch_socket(&watches, &api, &registry, stop_reason.clone());
     let lock = Arc::new(std::sync::Mutex::new(_lock));
-    let state_watch = watch_state(
+    watch_state(
+        &watches,
         &registry.config().paths.state_dir,
         registry.store().clone(),
         lock.clone(),
@@ -269,8 +272,8 @@ async fn serve(
     // Hooks and secret commands (a reload's) are not waited for: their process groups end now.
     let children = tokio::task::spawn_blocking(|| crate::children::kill_all(CHILD_GRACE));
     drop(watcher);
-    drop(state_watch);
-    drop(socket_watch);
+    // Its handlers hold the store, which must close below.
+    watches.stop();
     signals.close();
     if let Some(mut cron) = cron {
         let _ = cron.shutdown().await;
@@ -330,11 +333,11 @@ fn descriptor_budget(limits: &config::Limits) -> api::Connections {
 /// now listens there, or something else than a socket was put there, stops the daemon with
 /// that reason (systemd then restarts it, and the start says what is wrong).
 fn watch_socket(
+    watches: &crate::watch::Watches,
     api: &api::Server,
     registry: &Arc<Registry>,
     stop_reason: Arc<std::sync::Mutex<Option<String>>>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::{RecursiveMode, Watcher};
+) {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let config = registry.config();
     let path = config.paths.socket.clone();
@@ -342,8 +345,10 @@ fn watch_socket(
         config.socket.mode,
         config.socket.group.as_ref().map(|g| g.gid),
     );
-    let dir = path.parent()?.to_path_buf();
-    let name = path.file_name()?.to_os_string();
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let (dir, name) = (dir.to_path_buf(), name.to_os_string());
     let id = |p: &Path| {
         std::fs::symlink_metadata(p)
             .ok()
@@ -351,19 +356,18 @@ fn watch_socket(
     };
     let mut ours = id(&path);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let relevant = match &event {
+    watches.on_event(Box::new(move |event| {
+        let relevant = match event {
             Err(_) => true,
             Ok(e) => names_come_or_go(e, &[&name]),
         };
         if relevant {
             let _ = tx.send(());
         }
-    })
-    .ok()?;
-    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+    }));
+    if let Err(e) = watches.watch(&dir) {
         tracing::warn!("cannot watch {} for the socket file: {e}", dir.display());
-        return None;
+        return;
     }
     let rebinder = api.rebinder();
     let shutdown = registry.shutdown.clone();
@@ -410,7 +414,6 @@ fn watch_socket(
             }
         }
     });
-    Some(watcher)
 }
 
 /// One daemon per state folder: two would refresh the same tokens and invalidate each other's
@@ -462,8 +465,11 @@ fn signal_handler(registry: Arc<Registry>) -> Result<signal_hook_tokio::Handle, 
 }
 
 /// Reloads when the configuration file changes, however it is deployed (`watch`).
-fn watch_config(registry: Arc<Registry>) -> Result<crate::watch::Follower, String> {
-    let (follower, mut changes) = crate::watch::follow(registry.config().file.clone())?;
+fn watch_config(
+    watches: &crate::watch::Watches,
+    registry: Arc<Registry>,
+) -> crate::watch::Follower {
+    let (follower, mut changes) = crate::watch::follow(watches, registry.config().file.clone());
     let shutdown = registry.shutdown.clone();
     tokio::spawn(async move {
         loop {
@@ -475,7 +481,7 @@ fn watch_config(registry: Arc<Registry>) -> Result<crate::watch::Follower, Strin
             let _ = registry.reload().await;
         }
     });
-    Ok(follower)
+    follower
 }
 
 /// Whether `event` makes one of `names` appear, go or change places (not a write into it).
@@ -494,27 +500,26 @@ fn names_come_or_go<N: AsRef<std::ffi::OsStr>>(event: &notify::Event, names: &[N
 
 /// Tells the store when one of its files is removed, renamed or made in the state folder, so
 /// that a database deleted or replaced under an idle daemon is seen at once (a busy one sees
-/// it at its next write anyway). `None` when the folder cannot be watched: then only writes
-/// look.
-/// The state folder's lock is taken again if its file is removed.
+/// it at its next write anyway; when the folder cannot be watched, only writes look). The
+/// state folder's lock is taken again if its file is removed.
 fn watch_state(
+    watches: &crate::watch::Watches,
     dir: &Path,
     store: crate::store::Store,
     lock: Arc<std::sync::Mutex<nix::fcntl::Flock<std::fs::File>>>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::{RecursiveMode, Watcher};
+) {
     const NAMES: [&str; 3] = ["state.db", "state.db-wal", "state.db-shm"];
     let folder = dir.to_path_buf();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+    watches.on_event(Box::new(move |event| {
         let Ok(event) = event else {
             store.check_files();
             return;
         };
         // Writes change the files all the time; only their names going or coming matter.
-        if names_come_or_go(&event, &NAMES) {
+        if names_come_or_go(event, &NAMES) {
             store.check_files();
         }
-        let lock_gone = names_come_or_go(&event, &["lock"]) && !folder.join("lock").exists();
+        let lock_gone = names_come_or_go(event, &["lock"]) && !folder.join("lock").exists();
         if lock_gone {
             // A second daemon could now take the folder: take its lock again first.
             match lock_state_dir(&folder) {
@@ -528,17 +533,12 @@ fn watch_state(
                 ),
             }
         }
-    })
-    .ok()?;
-    match watcher.watch(dir, RecursiveMode::NonRecursive) {
-        Ok(()) => Some(watcher),
-        Err(e) => {
-            tracing::warn!(
-                "cannot watch the state folder {}: {e}; a database deleted under the daemon is seen at its next write",
-                dir.display()
-            );
-            None
-        }
+    }));
+    if let Err(e) = watches.watch(dir) {
+        tracing::warn!(
+            "cannot watch the state folder {}: {e}; a database deleted under the daemon is seen at its next write",
+            dir.display()
+        );
     }
 }
 

@@ -83,6 +83,103 @@ pub enum Change {
     Lost,
 }
 
+/// What a watcher's handler is given: each event, or the error that stands for lost ones.
+pub type Handler = Box<dyn Fn(&notify::Result<notify::Event>) + Send + Sync>;
+
+/// One file watcher (one inotify instance, one thread) for everything the daemon follows: its
+/// configuration, its state folder, its socket's folder. Each follower adds a handler that
+/// picks its own events; a folder is watched while anyone wants it.
+#[derive(Clone)]
+pub struct Watches {
+    inner: Arc<Mutex<Inner>>,
+    handlers: Arc<std::sync::RwLock<Vec<Handler>>>,
+}
+
+struct Inner {
+    watcher: notify::RecommendedWatcher,
+    /// How many want each folder watched.
+    wanted: BTreeMap<PathBuf, usize>,
+}
+
+impl Watches {
+    pub fn new() -> Result<Watches, String> {
+        let handlers: Arc<std::sync::RwLock<Vec<Handler>>> = Arc::default();
+        let seen = handlers.clone();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            // On notify's thread. Handlers filter before they allocate or log anything.
+            for handler in seen.read().unwrap_or_else(|p| p.into_inner()).iter() {
+                handler(&event);
+            }
+        })
+        .map_err(|e| format!("cannot watch files: {e}"))?;
+        Ok(Watches {
+            inner: Arc::new(Mutex::new(Inner {
+                watcher,
+                wanted: BTreeMap::new(),
+            })),
+            handlers,
+        })
+    }
+
+    /// Stops every watch and drops every handler (with what they hold: the store, channels to
+    /// followers, which then end).
+    pub fn stop(&self) {
+        self.handlers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for folder in std::mem::take(&mut inner.wanted).into_keys() {
+            let _ = inner.watcher.unwatch(&folder);
+        }
+    }
+
+    /// Adds a handler of every event from now on.
+    pub fn on_event(&self, handler: Handler) {
+        self.handlers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(handler);
+    }
+
+    /// Watches `folder` (not what is below it) for one more follower.
+    pub fn watch(&self, folder: &Path) -> Result<(), String> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let count = inner.wanted.get(folder).copied().unwrap_or(0);
+        if count == 0 {
+            inner
+                .watcher
+                .watch(folder, RecursiveMode::NonRecursive)
+                .map_err(|e| e.to_string())?;
+        }
+        inner.wanted.insert(folder.to_path_buf(), count + 1);
+        Ok(())
+    }
+
+    /// Watches `folder` anew, for the followers that want it: the folder at that path was
+    /// replaced, and the old watch follows the old one.
+    pub fn rewatch(&self, folder: &Path) -> Result<(), String> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = inner.watcher.unwatch(folder);
+        inner
+            .watcher
+            .watch(folder, RecursiveMode::NonRecursive)
+            .map_err(|e| e.to_string())
+    }
+
+    /// One follower less wants `folder`; without any, it is no longer watched.
+    pub fn unwatch(&self, folder: &Path) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let count = inner.wanted.get(folder).copied().unwrap_or(0);
+        if count <= 1 {
+            inner.wanted.remove(folder);
+            let _ = inner.watcher.unwatch(folder);
+        } else {
+            inner.wanted.insert(folder.to_path_buf(), count - 1);
+        }
+    }
+}
+
 /// The follower of one file; dropping it stops the watching.
 pub struct Follower {
     _task: tokio::task::JoinHandle<()>,
@@ -90,14 +187,14 @@ pub struct Follower {
 
 /// Starts following `file`: the receiver gets a `Change` after each burst of relevant events
 /// has settled. Call from inside the runtime.
-pub fn follow(file: PathBuf) -> Result<(Follower, mpsc::UnboundedReceiver<Change>), String> {
+pub fn follow(watches: &Watches, file: PathBuf) -> (Follower, mpsc::UnboundedReceiver<Change>) {
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<Raw>();
     let interest = Arc::new(Mutex::new(Interest::default()));
     let seen = interest.clone();
-    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // On notify's thread: filtered here, before anything is allocated or logged, so that
-        // events in the watched folders that are not ours (a log file written there) cost
-        // nothing and cannot feed themselves.
+    watches.on_event(Box::new(move |event| {
+        // Filtered before anything is allocated or logged, so that events in the watched
+        // folders that are not ours (a log file written there) cost nothing and cannot feed
+        // themselves.
         let raw = match event {
             Err(_) => Raw::Lost,
             Ok(e) if e.need_rescan() => Raw::Lost,
@@ -111,10 +208,9 @@ pub fn follow(file: PathBuf) -> Result<(Follower, mpsc::UnboundedReceiver<Change
             }
         };
         let _ = raw_tx.send(raw);
-    })
-    .map_err(|e| format!("cannot watch the configuration: {e}"))?;
+    }));
     let mut armed = Armed {
-        watcher,
+        watches: watches.clone(),
         interest,
         watched: BTreeMap::new(),
         file,
@@ -144,7 +240,7 @@ pub fn follow(file: PathBuf) -> Result<(Follower, mpsc::UnboundedReceiver<Change
             }
         }
     });
-    Ok((Follower { _task: task }, rx))
+    (Follower { _task: task }, rx)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,7 +250,7 @@ enum Raw {
 }
 
 struct Armed {
-    watcher: notify::RecommendedWatcher,
+    watches: Watches,
     /// What the event handler filters by, shared with notify's thread.
     interest: Arc<Mutex<Interest>>,
     /// The folders watched now, with their identity then.
@@ -174,12 +270,27 @@ impl Armed {
         // waits for notify's thread, where the handler runs.
         *self.interest.lock().unwrap_or_else(|p| p.into_inner()) = wanted;
         for (folder, id) in std::mem::take(&mut self.watched) {
-            if folders.get(&folder) == Some(&id) {
-                self.watched.insert(folder, id);
-                continue;
-            }
-            let _ = self.watcher.unwatch(&folder);
-            if again && (folders.contains_key(&folder) || on_the_way.contains(&folder)) {
+            let replaced = match folders.get(&folder) {
+                Some(now) if *now == id => {
+                    self.watched.insert(folder, id);
+                    continue;
+                }
+                Some(now) => {
+                    // The same path, another folder: the old watch follows the old one.
+                    match self.watches.rewatch(&folder) {
+                        Ok(()) => {
+                            self.watched.insert(folder.clone(), *now);
+                        }
+                        Err(_) => self.watches.unwatch(&folder),
+                    }
+                    true
+                }
+                None => {
+                    self.watches.unwatch(&folder);
+                    on_the_way.contains(&folder)
+                }
+            };
+            if again && replaced {
                 tracing::warn!(
                     "the folder {} was removed or replaced; following the configuration {} there again",
                     folder.display(),
@@ -191,7 +302,7 @@ impl Armed {
             if self.watched.contains_key(&folder) {
                 continue;
             }
-            match self.watcher.watch(&folder, RecursiveMode::NonRecursive) {
+            match self.watches.watch(&folder) {
                 Ok(()) => {
                     self.watched.insert(folder, id);
                 }

@@ -93,8 +93,9 @@ async fn hooks_get_a_clean_environment_and_their_groups_end_with_the_daemon() {
     assert_eq!(daemon.wait_exit(Duration::from_secs(10)), Some(0));
     assert!(
         begun.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        begun.elapsed()
+        "{:?}\n{}",
+        begun.elapsed(),
+        daemon.log_text()
     );
     wait_for("the background job to end", Duration::from_secs(5), || {
         gone(background)
