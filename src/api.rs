@@ -7,7 +7,7 @@
 
 use crate::fast_path::Answered;
 use crate::registry::{Method, Registry, RegistryError, Trigger};
-use crate::token::{TokenSet, now_ms};
+use crate::token::now_ms;
 use crate::unix_conn::{Conn, Listener};
 use crate::wire::{self, ErrorReply, Health, ReloadReply, TokenReply};
 use axum::extract::{Path, RawQuery, State};
@@ -142,11 +142,13 @@ fn duration_param(
     let Some(v) = params.get(name) else {
         return Ok(None);
     };
-    wire::parse_duration(v).map(Some).map_err(|e| {
-        ApiError::bad_request(format!(
-            "{name}={v:?} is not a duration (seconds, or like 90s or 5m): {e}"
-        ))
-    })
+    crate::duration::parse(v, crate::duration::Unitless::Seconds)
+        .map(Some)
+        .map_err(|e| {
+            ApiError::bad_request(format!(
+                "{name}={v:?} is not a duration (seconds, or like 90s or 5m): {e}"
+            ))
+        })
 }
 
 async fn health(State(r): State<Arc<Registry>>) -> Json<Health> {
@@ -186,26 +188,13 @@ async fn token(
     let params = query(raw, &["min_valid"])?;
     let min_valid = duration_param(&params, "min_valid")?.unwrap_or(Duration::ZERO);
     let t = r.token(&name, min_valid).await?;
-    let mut reply = token_reply(&t, now_ms());
+    let mut reply = TokenReply::of(&t, now_ms());
     reply.warning = r.client(&name).and_then(|c| c.unsaved_warning());
     let mut response = Json(reply).into_response();
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
-}
-
-/// The answer to a token request (also given by `fast_path`).
-pub fn token_reply(t: &TokenSet, now: i64) -> TokenReply {
-    TokenReply {
-        access_token: t.access_token.expose().to_string(),
-        token_type: t.token_type.to_string(),
-        expires_at: t.expires_at,
-        expires_in: t.remaining(now).map(|ms| ms.div_euclid(1000)),
-        scope: t.scope.clone(),
-        extra: t.extra.clone(),
-        warning: None,
-    }
 }
 
 async fn refresh(
@@ -411,7 +400,7 @@ async fn metrics(State(r): State<Arc<Registry>>) -> Response {
 /// and gives it `mode` (and `gid`) before anyone can connect.
 pub fn bind(path: &FsPath, mode: u32, gid: Option<u32>) -> Result<Listener, String> {
     if let Some(dir) = path.parent() {
-        crate::sink::make_dir(dir, gid)?;
+        crate::files::make_dir(dir, gid)?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {

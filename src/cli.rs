@@ -119,7 +119,7 @@ pub enum DaemonCommand {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    wire::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 60s or 5m: {e}"))
+    crate::duration::parse(s, crate::duration::Unitless::Seconds).map_err(|e| e.to_string())
 }
 
 /// A failed command: its exit code and one line for the user.

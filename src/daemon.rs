@@ -420,7 +420,7 @@ fn watch_socket(
 /// rotated refresh tokens.
 fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
     use std::os::unix::fs::OpenOptionsExt;
-    crate::sink::make_dir(dir, None)?;
+    crate::files::make_dir(dir, None)?;
     let path = dir.join("lock");
     let file = std::fs::OpenOptions::new()
         .create(true)

@@ -9,6 +9,7 @@ use crate::config::ClientConfig;
 use crate::oauth::{self, Answer, Engine, ErrorClass, Grant, GrantError};
 use crate::secret::Secret;
 use crate::token::{TokenSet, now_ms};
+use crate::wire::AuthFailure;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::time::Duration;
@@ -183,19 +184,19 @@ pub async fn poll(
     client: &ClientConfig,
     grant: &mut DeviceGrant,
     cancel: &CancellationToken,
-) -> Result<TokenSet, (String, String)> {
+) -> Result<TokenSet, AuthFailure> {
     loop {
         let now = now_ms();
         let wait = Duration::from_millis(grant.interval_ms);
         if now + wait.as_millis() as i64 > grant.expires_at {
-            return Err((
-                "expired_token".into(),
-                "the user code expired before it was entered; start again".into(),
+            return Err(AuthFailure::new(
+                "expired_token",
+                "the user code expired before it was entered; start again",
             ));
         }
         tokio::select! {
             _ = cancel.cancelled() => {
-                return Err(("cancelled".into(), "the authorization was cancelled".into()));
+                return Err(AuthFailure::new("cancelled", "the authorization was cancelled"));
             }
             _ = tokio::time::sleep(wait) => {}
         }
@@ -211,7 +212,7 @@ pub async fn poll(
         match step(grant, result) {
             Step::Wait => continue,
             Step::Done(token) => return Ok(token),
-            Step::Fail(code, message) => return Err((code, message)),
+            Step::Fail(code, message) => return Err(AuthFailure::new(code, message)),
         }
     }
 }

@@ -51,7 +51,7 @@ pub fn parse(bytes: &[u8]) -> Option<TokenRequest<'_>> {
             if !plain(value) || value.contains('&') {
                 return None;
             }
-            crate::wire::parse_duration(value).ok()?
+            crate::duration::parse(value, crate::duration::Unitless::Seconds).ok()?
         }
     };
     Some(TokenRequest {
@@ -84,8 +84,8 @@ pub fn answer(
     else {
         return Ok(None);
     };
-    let body =
-        serde_json::to_vec(&crate::api::token_reply(&token, now_ms())).map_err(io::Error::other)?;
+    let body = serde_json::to_vec(&crate::wire::TokenReply::of(&token, now_ms()))
+        .map_err(io::Error::other)?;
     let mut answer = format!(
         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncache-control: no-store\r\ncontent-length: {}\r\n{}date: {}\r\n\r\n",
         body.len(),

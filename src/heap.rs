@@ -8,7 +8,7 @@
 //! use: 100,000 at once leave 433 MiB resident against 138 MiB before, and about 290 MiB once
 //! the wave has passed and its free pages are handed back (`release_after_waves`).
 
-use crate::registry::Counters;
+use crate::counters::Counters;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 

@@ -5,7 +5,6 @@
 //! This module owns the key (read and checked when the configuration loads) and the claims; the
 //! engine decides where an assertion goes.
 
-use crate::oauth;
 use crate::secret::Secret;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
@@ -135,7 +134,7 @@ pub fn client_assertion(
         "iss": client_id,
         "sub": client_id,
         "aud": jwt.audience.as_deref().unwrap_or(token_url),
-        "jti": oauth::random_token(16),
+        "jti": crate::random::token(16),
         "iat": now,
         "exp": now + ASSERTION_LIFETIME_SECS,
     }))
@@ -152,7 +151,7 @@ pub fn grant_assertion(
     let mut claims = json!({
         "iss": jwt.issuer,
         "aud": jwt.audience.as_deref().unwrap_or(token_url),
-        "jti": oauth::random_token(16),
+        "jti": crate::random::token(16),
         "iat": now,
         "exp": now + ASSERTION_LIFETIME_SECS,
     });

@@ -171,7 +171,7 @@ async fn run(argv: &[String], n: &Notice, timeout: Duration) -> Result<(), Strin
             reader.abort();
             return Err(format!(
                 "{program:?} still running after {}; killed with its process group",
-                humantime::format_duration(timeout)
+                crate::duration::show(timeout)
             ));
         }
         Ok(Err(e)) => return Err(format!("{program:?}: {e}")),

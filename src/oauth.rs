@@ -11,7 +11,6 @@ use crate::text;
 use crate::token::{TokenSet, now_ms};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use rand::RngCore;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -94,7 +93,7 @@ pub struct Pkce {
 impl Pkce {
     pub fn new() -> Pkce {
         // 32 random bytes give the 43-character verifier RFC 7636 section 4.1 recommends.
-        let verifier = Secret::new(random_token(32));
+        let verifier = Secret::new(crate::random::token(32));
         Pkce {
             challenge: Pkce::challenge_of(&verifier),
             verifier,
@@ -111,13 +110,6 @@ impl Default for Pkce {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// `bytes` random bytes, base64url without padding.
-pub fn random_token(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    rand::rng().fill_bytes(&mut buf);
-    URL_SAFE_NO_PAD.encode(buf)
 }
 
 /// The URL the user opens to authorize `client`.

@@ -7,7 +7,7 @@
 //! checked for impossible combinations before any client uses it. This module owns the layers,
 //! their merge and that check; it does no I/O.
 
-use crate::config::values::Dur;
+use crate::duration::Dur;
 use crate::token::TokenChars;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};

@@ -2,11 +2,12 @@
 //!
 //! A listener runs on 127.0.0.1 (or ::1) only while an authorization waits for the browser. Several
 //! authorizations may share one port: the `state` of the callback says which one it finishes.
-//! The hub only matches callbacks to pending authorizations; the registry checks `iss`, exchanges
-//! the code and stores the tokens, and the browser is shown how that went.
+//! The hub only matches callbacks to pending authorizations and hands each over (`Arrival`):
+//! the registry checks `iss`, exchanges the code and stores the tokens, and says how that went,
+//! which the browser is shown.
 
-use crate::registry::Registry;
 use crate::secret::Secret;
+use crate::wire::AuthFailure;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
@@ -15,6 +16,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
@@ -46,6 +48,21 @@ pub enum Callback {
     },
 }
 
+/// A callback handed over to the registry.
+pub enum Arrival {
+    /// It matched a pending authorization: finish it, and say how that went on `done`.
+    Matched {
+        pending: PendingAuth,
+        callback: Callback,
+        done: oneshot::Sender<Result<(), AuthFailure>>,
+    },
+    /// The one authorization it could be for came back with the wrong `state`: it ends.
+    Refused {
+        pending: PendingAuth,
+        why: AuthFailure,
+    },
+}
+
 /// The redirect URI used when a client does not configure one: loopback, any free port.
 pub fn default_redirect_uri() -> Url {
     Url::parse("http://127.0.0.1:0/callback").expect("a constant URL parses")
@@ -60,17 +77,24 @@ struct Inner {
     pending: HashMap<String, (u16, PendingAuth)>,
 }
 
+/// The redirect listeners and the authorizations waiting on them. Cheap to clone.
+#[derive(Clone)]
 pub struct Hub {
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
+    arrivals: mpsc::UnboundedSender<Arrival>,
     shutdown: CancellationToken,
 }
 
 impl Hub {
-    pub fn new(shutdown: CancellationToken) -> Hub {
-        Hub {
-            inner: Mutex::new(Inner::default()),
+    /// A hub, and where the callbacks it matches arrive.
+    pub fn new(shutdown: CancellationToken) -> (Hub, mpsc::UnboundedReceiver<Arrival>) {
+        let (arrivals, received) = mpsc::unbounded_channel();
+        let hub = Hub {
+            inner: Arc::default(),
+            arrivals,
             shutdown,
-        }
+        };
+        (hub, received)
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -79,12 +103,7 @@ impl Hub {
 
     /// Waits for `pending`'s callback on the port of `requested` (0: any free port, shared by
     /// all such authorizations). Returns the redirect URI to send, with its real port.
-    pub fn register(
-        &self,
-        registry: Arc<Registry>,
-        requested: &Url,
-        mut pending: PendingAuth,
-    ) -> Result<Url, String> {
+    pub fn register(&self, requested: &Url, mut pending: PendingAuth) -> Result<Url, String> {
         let ip = match requested.host() {
             Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip),
             Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip),
@@ -110,7 +129,7 @@ impl Hub {
                 if wanted == 0 {
                     inner.ephemeral = Some(port);
                 }
-                tokio::spawn(serve(listener, port, registry, stop));
+                tokio::spawn(serve(listener, port, self.clone(), stop));
                 port
             }
         };
@@ -204,12 +223,7 @@ enum Claim {
     NotOurs,
 }
 
-async fn serve(
-    listener: tokio::net::TcpListener,
-    port: u16,
-    registry: Arc<Registry>,
-    stop: CancellationToken,
-) {
+async fn serve(listener: tokio::net::TcpListener, port: u16, hub: Hub, stop: CancellationToken) {
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -222,12 +236,12 @@ async fn serve(
                 }
             },
         };
-        let registry = registry.clone();
+        let hub = hub.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let registry = registry.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(registry, port, req).await) }
+                let hub = hub.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(hub, port, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -243,11 +257,7 @@ async fn serve(
     }
 }
 
-async fn handle(
-    registry: Arc<Registry>,
-    port: u16,
-    req: Request<hyper::body::Incoming>,
-) -> Response<Full<Bytes>> {
+async fn handle(hub: Hub, port: u16, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return page(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -265,7 +275,7 @@ async fn handle(
         }
     }
     let state = params.get("state").map(String::as_str);
-    match registry.redirects.claim(port, req.uri().path(), state) {
+    match hub.claim(port, req.uri().path(), state) {
         Claim::NotOurs => page(
             StatusCode::NOT_FOUND,
             "Not found",
@@ -277,9 +287,16 @@ async fn handle(
             "This response does not belong to any authorization in progress (state mismatch). Start again with oauth2mci authorize.",
         ),
         Claim::StateMismatch(pending) => {
-            let why = ("state_mismatch".to_string(), "the response's state does not match the request's: it was not sent for this authorization".to_string());
-            registry.fail_authorization(&pending, why.clone()).await;
-            failure_page(&pending.client, &why)
+            let why = AuthFailure::new(
+                "state_mismatch",
+                "the response's state does not match the request's: it was not sent for this authorization",
+            );
+            let client = pending.client.clone();
+            let _ = hub.arrivals.send(Arrival::Refused {
+                pending,
+                why: why.clone(),
+            });
+            failure_page(&client, &why)
         }
         Claim::Matched(pending) => {
             let callback = match (params.get("error"), params.get("code")) {
@@ -298,7 +315,18 @@ async fn handle(
                 },
             };
             let client = pending.client.clone();
-            match registry.complete_authorization(pending, callback).await {
+            let (done, outcome) = oneshot::channel();
+            let arrival = Arrival::Matched {
+                pending,
+                callback,
+                done,
+            };
+            let gone = || AuthFailure::new("shutting_down", "the daemon is stopping");
+            let outcome = match hub.arrivals.send(arrival) {
+                Ok(()) => outcome.await.unwrap_or_else(|_| Err(gone())),
+                Err(_) => Err(gone()),
+            };
+            match outcome {
                 Ok(()) => page(
                     StatusCode::OK,
                     "Authorized",
@@ -313,11 +341,16 @@ async fn handle(
     }
 }
 
-fn failure_page(client: &str, (error, message): &(String, String)) -> Response<Full<Bytes>> {
+fn failure_page(client: &str, why: &AuthFailure) -> Response<Full<Bytes>> {
     page(
         StatusCode::BAD_REQUEST,
         "Authorization failed",
-        &format!("{}: {}: {}", escape(client), escape(error), escape(message)),
+        &format!(
+            "{}: {}: {}",
+            escape(client),
+            escape(&why.error),
+            escape(&why.message)
+        ),
     )
 }
 

@@ -6,22 +6,26 @@
 //! it shows in memory, and a token reaches its sinks only after that.
 
 use crate::config::{ClientConfig, Config, Grant, SinkConfig};
+use crate::counters::Counters;
 use crate::device::{self, DeviceGrant};
 use crate::notify::{self, Kind, Notice};
 use crate::oauth::{self, Engine, ErrorClass, GrantError, Pkce};
 use crate::provider::{RefreshMechanism, Revocation, Rotation};
 use crate::queue::{Endpoint, Urgency};
-use crate::redirect::{self, Callback, Hub, PendingAuth};
+use crate::redirect::{self, Arrival, Callback, Hub, PendingAuth};
 use crate::scheduler::{self, ClockEvent, Scheduler};
 use crate::sink;
 use crate::store::{ClientRow, Event, PendingRow, Snapshot, Store, Stored, Write};
 use crate::token::{TokenSet, now_ms};
-use crate::wire::{self, AuthorizationOutcome, AuthorizeReply, ClientInfo, RevokeReply};
+use crate::wire::{
+    self, AuthFailure, AuthorizationOutcome, AuthorizeReply, ClientInfo, RevokeReply,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -361,50 +365,6 @@ impl Client {
     }
 }
 
-/// Counters for `/metrics`.
-#[derive(Default)]
-pub struct Counters {
-    pub refresh_ok: AtomicU64,
-    pub refresh_failed: AtomicU64,
-    /// Told when a refresh ends, either way (`heap::release_after_waves` waits for it).
-    pub refresh_ended: tokio::sync::Notify,
-    pub authorizations: AtomicU64,
-    pub sink_errors: AtomicU64,
-    pub store_errors: AtomicU64,
-    /// Clients whose newest token is in memory only (the database refused it).
-    pub unsaved: AtomicI64,
-    pub reloads: AtomicU64,
-    pub reload_errors: AtomicU64,
-}
-
-impl Counters {
-    /// Follows a client's state from unsaved to saved or back.
-    fn unsaved_changed(&self, became_unsaved: bool, became_saved: bool) {
-        if became_unsaved {
-            self.unsaved.fetch_add(1, Ordering::Relaxed);
-        }
-        if became_saved {
-            self.unsaved.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Counts a refresh that ended, and tells whoever waits for one.
-    pub fn count_refresh(&self, ok: bool) {
-        let counter = if ok {
-            &self.refresh_ok
-        } else {
-            &self.refresh_failed
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        self.refresh_ended.notify_one();
-    }
-
-    /// Refreshes ended so far, either way.
-    pub fn refreshes_ended(&self) -> u64 {
-        self.refresh_ok.load(Ordering::Relaxed) + self.refresh_failed.load(Ordering::Relaxed)
-    }
-}
-
 pub struct Registry {
     /// Itself, for work that must outlive the caller (a notice that starts an authorization).
     me: std::sync::Weak<Registry>,
@@ -458,6 +418,7 @@ impl Registry {
             },
             shutdown.clone(),
         );
+        let (redirects, arrivals) = Hub::new(shutdown.clone());
         let registry = Arc::new_cyclic(|me| Registry {
             me: me.clone(),
             clients: RwLock::new(BTreeMap::new()),
@@ -466,7 +427,7 @@ impl Registry {
             engine,
             scheduler,
             endpoints: Mutex::new(HashMap::new()),
-            redirects: Hub::new(shutdown.clone()),
+            redirects,
             tasks: tasks.clone(),
             shutdown,
             counters: Counters::default(),
@@ -481,6 +442,7 @@ impl Registry {
             "clients restored and scheduled in {} ms",
             begun.elapsed().as_millis()
         );
+        registry.finish_arrivals(arrivals);
         let follower = registry.clone();
         tasks.spawn(async move {
             while let Some(event) = clock_rx.recv().await {
@@ -521,6 +483,39 @@ impl Registry {
             }
         });
         Ok(registry)
+    }
+
+    /// Finishes the authorizations whose browser came back to a redirect listener. The task
+    /// holds the registry weakly: the hub that feeds it belongs to the registry.
+    fn finish_arrivals(self: &Arc<Self>, mut arrivals: UnboundedReceiver<Arrival>) {
+        let me = Arc::downgrade(self);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let arrival = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    arrival = arrivals.recv() => arrival,
+                };
+                let (Some(arrival), Some(registry)) = (arrival, me.upgrade()) else {
+                    return;
+                };
+                match arrival {
+                    Arrival::Matched {
+                        pending,
+                        callback,
+                        done,
+                    } => {
+                        tokio::spawn(async move {
+                            let outcome = registry.complete_authorization(pending, callback).await;
+                            let _ = done.send(outcome);
+                        });
+                    }
+                    Arrival::Refused { pending, why } => {
+                        registry.fail_authorization(&pending, why).await;
+                    }
+                }
+            }
+        });
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -655,7 +650,7 @@ impl Registry {
             fingerprint: cfg.fingerprint(),
             expires_at: row.expires_at,
         };
-        self.redirects.register(self.clone(), &uri, pending)?;
+        self.redirects.register(&uri, pending)?;
         let challenge = row.pkce_verifier.as_ref().map(Pkce::challenge_of);
         if let Some(url) = oauth::authorize_url(cfg, &uri, &row.state, challenge.as_deref()) {
             let reply = AuthorizeReply {
@@ -939,8 +934,7 @@ impl Registry {
                 return;
             }
             st.warned_for = MaybeTime::some(end);
-            let left =
-                humantime::format_duration(Duration::from_secs((end - now).max(0) as u64 / 1000));
+            let left = crate::duration::show(Duration::from_secs((end - now).max(0) as u64 / 1000));
             let message = format!(
                 "the grant ends in {left} and only a new authorization extends it: run `oauth2mci authorize {}`",
                 client.name
@@ -1793,7 +1787,7 @@ impl Registry {
             .as_deref()
             .cloned()
             .unwrap_or_else(redirect::default_redirect_uri);
-        let state = oauth::random_token(32);
+        let state = crate::random::token(32);
         let pkce = cfg.pkce.then(Pkce::new);
         let expires_at = now_ms() + cfg.authorize_timeout.as_millis() as i64;
         if cfg.endpoints.authorize.is_none() {
@@ -1812,7 +1806,7 @@ impl Registry {
         };
         let redirect_uri = self
             .redirects
-            .register(self.clone(), &requested, pending)
+            .register(&requested, pending)
             .map_err(RegistryError::BadRequest)?;
         let Some(url) = oauth::authorize_url(
             cfg,
@@ -1867,7 +1861,7 @@ impl Registry {
             message: format!("cannot start a device authorization: {e}"),
         })?;
         grant.fingerprint = Some(cfg.fingerprint());
-        let state = oauth::random_token(16);
+        let state = crate::random::token(16);
         let reply = device_reply(&state, &grant);
         let row = PendingRow {
             state,
@@ -1919,20 +1913,20 @@ impl Registry {
         fingerprint: &str,
         token: TokenSet,
         read_on: i64,
-    ) -> Result<(), (String, String)> {
+    ) -> Result<(), AuthFailure> {
         let _flight = client.flight.lock().await;
         let cfg = client.config();
         if !cfg.has_fingerprint(fingerprint) {
-            return Err((
-                "config_changed".into(),
-                "the client's configuration changed during the authorization; start again".into(),
+            return Err(AuthFailure::new(
+                "config_changed",
+                "the client's configuration changed during the authorization; start again",
             ));
         }
         self.counters.authorizations.fetch_add(1, Ordering::Relaxed);
         self.accept(client, &cfg, token, "authorized", read_on)
             .await
             .map(|_| ())
-            .map_err(|e| ("not_stored".into(), e.to_string()))
+            .map_err(|e| AuthFailure::new("not_stored", e.to_string()))
     }
 
     /// What the user must do for this client now: the authorization waiting for them, or one
@@ -1968,7 +1962,7 @@ impl Registry {
                 _ = shutdown.cancelled() => {}
                 _ = tokio::time::sleep(wait) => {
                     if registry.redirects.take(&state).is_some() {
-                        registry.finish_authorization(&client, &state, Err(("timeout".into(), "the browser did not come back in time".into()))).await;
+                        registry.finish_authorization(&client, &state, Err(AuthFailure::new("timeout", "the browser did not come back in time"))).await;
                     }
                 }
             }
@@ -1976,15 +1970,15 @@ impl Registry {
     }
 
     /// The redirect listener hands over a callback that matched a pending authorization.
-    pub async fn complete_authorization(
+    async fn complete_authorization(
         self: &Arc<Self>,
         pending: PendingAuth,
         callback: Callback,
-    ) -> Result<(), (String, String)> {
+    ) -> Result<(), AuthFailure> {
         let Some(client) = self.client(&pending.client) else {
-            return Err((
-                "unknown_client".into(),
-                "the client was removed from the configuration".into(),
+            return Err(AuthFailure::new(
+                "unknown_client",
+                "the client was removed from the configuration",
             ));
         };
         // Like a refresh, the exchange must outlive the browser's connection.
@@ -1996,8 +1990,12 @@ impl Registry {
                 .await;
             result
         });
-        work.await
-            .unwrap_or_else(|e| Err(("internal".into(), format!("the exchange failed: {e}"))))
+        work.await.unwrap_or_else(|e| {
+            Err(AuthFailure::new(
+                "internal",
+                format!("the exchange failed: {e}"),
+            ))
+        })
     }
 
     async fn exchange(
@@ -2005,22 +2003,25 @@ impl Registry {
         client: &Arc<Client>,
         pending: &PendingAuth,
         callback: Callback,
-    ) -> Result<(), (String, String)> {
+    ) -> Result<(), AuthFailure> {
         let code = match callback {
             Callback::Error { error, description } => {
                 let message = description.map_or_else(
                     || "the authorization server refused".into(),
                     |d| crate::text::one_line(&d, 300),
                 );
-                return Err((crate::text::one_line(&error, 100), message));
+                return Err(AuthFailure::new(
+                    crate::text::one_line(&error, 100),
+                    message,
+                ));
             }
             Callback::Code { code, iss, params } => {
                 let cfg = client.config();
                 if let Some(iss) = iss {
                     let expected = expected_issuer(&cfg);
                     if expected.as_deref().map(trim_slash) != Some(trim_slash(&iss)) {
-                        return Err((
-                            "issuer_mismatch".into(),
+                        return Err(AuthFailure::new(
+                            "issuer_mismatch",
                             format!(
                                 "the response names issuer {iss:?}, expected {:?} (RFC 9207): possible mix-up attack",
                                 expected.unwrap_or_default()
@@ -2035,9 +2036,9 @@ impl Registry {
         let _flight = client.flight.lock().await;
         let cfg = client.config();
         if !cfg.has_fingerprint(&pending.fingerprint) {
-            return Err((
-                "config_changed".into(),
-                "the client's configuration changed during the authorization; start again".into(),
+            return Err(AuthFailure::new(
+                "config_changed",
+                "the client's configuration changed during the authorization; start again",
             ));
         }
         let mut permit = self.endpoint(&cfg).acquire(Urgency::Waiting).await;
@@ -2057,9 +2058,9 @@ impl Registry {
                 self.accept(client, &cfg, token, "authorized", read_on)
                     .await
                     .map(|_| ())
-                    .map_err(|e| ("not_stored".into(), e.to_string()))
+                    .map_err(|e| AuthFailure::new("not_stored", e.to_string()))
             }
-            Err(e) => Err((
+            Err(e) => Err(AuthFailure::new(
                 e.code
                     .clone()
                     .unwrap_or_else(|| "token_request_failed".into()),
@@ -2069,7 +2070,7 @@ impl Registry {
     }
 
     /// A callback that cannot belong to the authorization (wrong `state`) ends it.
-    pub async fn fail_authorization(&self, pending: &PendingAuth, why: (String, String)) {
+    async fn fail_authorization(&self, pending: &PendingAuth, why: AuthFailure) {
         if let Some(client) = self.client(&pending.client) {
             self.finish_authorization(&client, &pending.state, Err(why))
                 .await;
@@ -2080,7 +2081,7 @@ impl Registry {
         &self,
         client: &Arc<Client>,
         state: &str,
-        result: Result<(), (String, String)>,
+        result: Result<(), AuthFailure>,
     ) {
         let mut writes = vec![Write::PendingDone {
             state: state.to_string(),
@@ -2088,8 +2089,8 @@ impl Registry {
         if !client.take_pending(state) {
             // Replaced while it finished: its token (if any) was stored, but the outcome and
             // the status belong to the authorization that replaced it.
-            if let Err((error, message)) = &result {
-                tracing::info!(client = %client.name, "a replaced authorization ended: {error}: {message}");
+            if let Err(why) = &result {
+                tracing::info!(client = %client.name, "a replaced authorization ended: {}: {}", why.error, why.message);
             }
             if let Err(e) = self.store.commit(writes).await {
                 tracing::error!(client = %client.name, "cannot record the authorization's end: {e}");
@@ -2098,7 +2099,7 @@ impl Registry {
         }
         match &result {
             Ok(()) => client.set_outcome(outcome(state, "done", None, None)),
-            Err((error, message)) => {
+            Err(AuthFailure { error, message }) => {
                 tracing::warn!(client = %client.name, "authorization failed: {error}: {message}");
                 client.set_outcome(outcome(
                     state,

@@ -420,7 +420,7 @@ fn follow(
     clock: &impl Clock,
     told: &impl Fn(ClockEvent),
 ) {
-    let shown = |ms: i64| humantime::format_duration(Duration::from_millis(ms.unsigned_abs()));
+    let shown = |ms: i64| crate::duration::show(Duration::from_millis(ms.unsigned_abs()));
     for event in watch.look(clock.wall_ms(), clock.boot_ms(), clock.mono_ms()) {
         match event {
             ClockEvent::Jumped(jump) => {

@@ -94,7 +94,7 @@ pub fn from_command(argv: &[String], timeout: Duration) -> Result<String, String
     let Some(status) = out.status else {
         return Err(format!(
             "{program:?} did not finish within {}; killed",
-            humantime::format_duration(timeout)
+            crate::duration::show(timeout)
         ));
     };
     // First, as the cap stops the reading: the command may then die of SIGPIPE, and its exit

@@ -217,7 +217,7 @@ pub fn write_bytes(
     let tmp = format!(
         ".{}.{}.tmp",
         name.to_string_lossy(),
-        crate::oauth::random_token(6)
+        crate::random::token(6)
     );
     let result = write_in(&folder, &tmp, name, bytes, mode, gid).map_err(|m| err(path, m));
     if result.is_err() {

@@ -475,7 +475,7 @@ fn open_connection(path: &Path, create: bool) -> Result<Connection, StoreError> 
     };
     if create {
         if let Some(dir) = path.parent() {
-            crate::sink::make_dir(dir, None).map_err(fail)?;
+            crate::files::make_dir(dir, None).map_err(fail)?;
         }
         // Create the file ourselves so it is 0600 from its first byte; SQLite gives the -wal and
         // -shm files the same mode.

@@ -2,16 +2,6 @@
 //! (which reads them). Times are unix milliseconds; durations are whole seconds.
 
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
-
-/// A duration as the API and the CLI take it (`min_valid`, `wait`): whole seconds (`60`), or
-/// with a unit (`90s`, `5m`).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    match s.parse::<u64>() {
-        Ok(secs) => Ok(Duration::from_secs(secs)),
-        Err(_) => humantime::parse_duration(s).map_err(|e| e.to_string()),
-    }
-}
 
 /// One client as `GET /v1/clients[/{name}]` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -64,6 +54,38 @@ pub struct TokenReply {
     /// refusing it. The CLI prints it on stderr.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+}
+
+impl TokenReply {
+    /// The answer to a token request for `t`, at `now` (Unix ms).
+    pub fn of(t: &crate::token::TokenSet, now: i64) -> TokenReply {
+        TokenReply {
+            access_token: t.access_token.expose().to_string(),
+            token_type: t.token_type.to_string(),
+            expires_at: t.expires_at,
+            expires_in: t.remaining(now).map(|ms| ms.div_euclid(1000)),
+            scope: t.scope.clone(),
+            extra: t.extra.clone(),
+            warning: None,
+        }
+    }
+}
+
+/// Why an authorization ended without tokens: an OAuth-style code (`access_denied`,
+/// `state_mismatch`, `timeout`...) and one line for the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthFailure {
+    pub error: String,
+    pub message: String,
+}
+
+impl AuthFailure {
+    pub fn new(error: impl Into<String>, message: impl Into<String>) -> AuthFailure {
+        AuthFailure {
+            error: error.into(),
+            message: message.into(),
+        }
+    }
 }
 
 /// `POST /v1/clients/{name}/authorize[?method=device]`: what the user must do. Also the

@@ -468,7 +468,7 @@ impl<'de> Deserialize<'de> for OrNever {
                 if s.trim() == "never" {
                     return Ok(OrNever(None));
                 }
-                values::parse_duration(s)
+                crate::duration::parse(s, crate::duration::Unitless::Refused)
                     .map(|d| OrNever(Some(d)))
                     .map_err(E::custom)
             }
@@ -1634,8 +1634,8 @@ impl<'a> Resolver<'a> {
                 &here,
                 format!(
                     "retry.max ({}) is shorter than retry.initial ({})",
-                    humantime::format_duration(policy.retry_max),
-                    humantime::format_duration(policy.retry_initial)
+                    crate::duration::show(policy.retry_max),
+                    crate::duration::show(policy.retry_initial)
                 ),
             ));
         }

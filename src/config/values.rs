@@ -7,55 +7,8 @@ use serde::de::{self, Deserializer, Visitor};
 use std::fmt;
 use std::time::Duration;
 
-/// A duration written with a unit: `90s`, `5m`, `1h 30m`, `7d`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Dur(pub Duration);
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Dur;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a duration with a unit, like 90s, 5m, 1h or 7d")
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<Dur, E> {
-                parse_duration(s).map(Dur).map_err(E::custom)
-            }
-            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Dur, E> {
-                Err(E::custom(format!(
-                    "a duration needs a unit: write {n}s, {n}m or {n}h"
-                )))
-            }
-            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Dur, E> {
-                Err(E::custom(format!(
-                    "expected a duration with a unit like 90s, found {n}"
-                )))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-impl serde::Serialize for Dur {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_duration(self.0))
-    }
-}
-
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let trimmed = s.trim();
-    if trimmed.is_empty() {
-        return Err("expected a duration like 90s, 5m or 1h, found an empty string".into());
-    }
-    if trimmed.chars().all(|c| c.is_ascii_digit()) {
-        return Err(format!(
-            "a duration needs a unit: write {trimmed}s, {trimmed}m or {trimmed}h"
-        ));
-    }
-    humantime::parse_duration(trimmed)
-        .map_err(|e| format!("expected a duration like 90s, 5m or 1h, found {s:?} ({e})"))
-}
+pub use crate::duration::Dur;
+use crate::duration::{Unitless, parse as parse_duration_text};
 
 /// A percentage from 0 to 100, written `5%`.
 #[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
@@ -116,7 +69,7 @@ impl<'de> Deserialize<'de> for BeforeExpiry {
                         ))),
                     }
                 } else {
-                    parse_duration(s)
+                    parse_duration_text(s, Unitless::Refused)
                         .map(BeforeExpiry::Fixed)
                         .map_err(E::custom)
                 }
@@ -269,14 +222,6 @@ impl<'de> Deserialize<'de> for NonEmpty {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_need_units() {
-        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
-        assert!(parse_duration("90").unwrap_err().contains("needs a unit"));
-        assert!(parse_duration("soon").is_err());
-    }
 
     #[test]
     fn percentages_are_bounded() {

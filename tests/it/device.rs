@@ -118,12 +118,11 @@ async fn a_headless_machine_authorizes_with_a_code_typed_elsewhere() {
     });
     let o = daemon.cli(&["token", "tv"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert_eq!(
+    // The token file is written just after the token is committed (and served).
+    wait_for("the token file", Duration::from_secs(10), || {
         std::fs::read_to_string(daemon.path("run/tv.token"))
-            .unwrap()
-            .trim(),
-        stdout(&o).trim()
-    );
+            .is_ok_and(|t| t.trim() == stdout(&o).trim())
+    });
     assert_eq!(daemon.client("tv")["has_refresh_token"], true);
     assert_eq!(daemon.client("tv")["grant"], "device_code");
     // Refreshes need no device: the refresh token does it.

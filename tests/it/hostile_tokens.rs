@@ -148,6 +148,18 @@ async fn hostile_token_bytes_are_refused_and_sinks_read_back_exactly() {
         std::time::Duration::from_secs(10),
         || daemon.status_of("api") == "valid" && daemon.status_of("sf") == "valid",
     );
+    // Their token files are written just after the tokens are committed.
+    wait_for(
+        "their token files",
+        std::time::Duration::from_secs(10),
+        || {
+            ["api", "sf"].iter().all(|n| {
+                ["raw", "header", "json", "env"]
+                    .iter()
+                    .all(|f| daemon.path(&format!("run/tokens/{n}.{f}")).exists())
+            })
+        },
+    );
     let good = "good-1.x_y~z+/==";
     Mock::given(method("GET"))
         .and(path("/echo"))
