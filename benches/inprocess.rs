@@ -4,9 +4,9 @@
 //! `cargo bench --bench inprocess` (add `-- --quick` for a fast look).
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use oauth2mci::Secret;
 use oauth2mci::scheduler::Timers;
 use oauth2mci::seal::{Key, Keys, Sealer};
-use oauth2mci::secret::Secret;
 use oauth2mci::store::{ClientRow, Store, Write};
 use oauth2mci::token::TokenSet;
 use std::sync::Arc;

@@ -1,35 +1,44 @@
 //! oauth2mci: a daemon that obtains OAuth 2.0 tokens once with the user and keeps them fresh.
 //!
-//! The binary (`src/main.rs`) is a thin shell over this library so that integration tests and
-//! benchmarks can reach the same code.
+//! The binaries (`src/main.rs`, the client; `src/bin/oauth2mcid.rs`, the daemon) are thin
+//! shells over this library, so that the integration tests and the benchmarks reach the same
+//! code. `docs/ARCHITECTURE.md` draws the boxes; here they are, top to bottom:
+//!
+//! - `daemon`: wiring: start-up, signals, file watches, shutdown.
+//! - `api`: the Unix socket: accepting, the fast path, the routes.
+//! - `cli`: the command line client of that socket.
+//! - `registry`: every client's live state, its state machine and its effects.
+//! - `oauth`: talking to authorization servers: the engine, the device flow, the redirect
+//!   listener, each endpoint's queue.
+//! - `store`: what survives a restart: SQLite, encryption at rest.
+//! - `config`: the YAML file, read, bounded, resolved and checked.
+//! - leaves that the boxes share: profiles (`provider`), keys (`jwt`), tokens, secrets,
+//!   timers (`scheduler`), token files (`sink`), hooks (`notify`), child processes, files,
+//!   durations, counters, the socket's messages (`wire`).
 
 pub mod api;
-pub mod children;
+pub(crate) mod children;
 pub mod cli;
 pub mod config;
-pub mod counters;
+pub(crate) mod counters;
 pub mod daemon;
-pub mod descriptors;
-pub mod device;
+pub(crate) mod descriptors;
 pub mod duration;
-pub mod fast_path;
-pub mod files;
-pub mod heap;
-pub mod jwt;
-pub mod notify;
+pub(crate) mod files;
+pub(crate) mod heap;
+pub(crate) mod jwt;
+pub(crate) mod notify;
 pub mod oauth;
 pub mod provider;
-pub mod queue;
-pub mod random;
-pub mod redirect;
-pub mod registry;
+pub(crate) mod random;
+pub(crate) mod registry;
 pub mod scheduler;
 pub mod seal;
-pub mod secret;
-pub mod sink;
+pub(crate) mod secret;
+pub(crate) mod sink;
 pub mod store;
-pub mod text;
+pub(crate) mod text;
 pub mod token;
-pub mod unix_conn;
-pub mod watch;
 pub mod wire;
+
+pub use secret::Secret;

@@ -2,7 +2,7 @@
 //! configuration of N clients, a database seeded with their tokens, and the real daemon binary.
 
 use crate::client;
-use oauth2mci::secret::Secret;
+use oauth2mci::Secret;
 use oauth2mci::store::{ClientRow, Store, Write};
 use oauth2mci::token::TokenSet;
 use std::io;

@@ -4,9 +4,9 @@
 //! is sent: the requests are built and inspected.
 
 use base64::Engine as _;
+use oauth2mci::Secret;
 use oauth2mci::config::{self, ClientConfig};
 use oauth2mci::oauth::{self, Pkce};
-use oauth2mci::secret::Secret;
 use oauth2mci::token::{TokenSet, now_ms};
 use std::collections::BTreeMap;
 use std::path::Path;

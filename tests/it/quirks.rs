@@ -3,9 +3,9 @@
 //! are built from YAML like a user's, with the built-in profile and only its URLs pointed at the
 //! fake server.
 
+use oauth2mci::Secret;
 use oauth2mci::config::{self, ClientConfig};
 use oauth2mci::oauth::{Engine, ErrorClass};
-use oauth2mci::secret::Secret;
 use oauth2mci::token::{TokenSet, now_ms};
 use serde_json::json;
 use std::collections::BTreeMap;

@@ -54,10 +54,11 @@ async fn backoff_honours_retry_after_and_recovers() {
         "recovered after {elapsed:?}"
     );
     assert_eq!(server.received_requests().await.unwrap().len(), 3);
-    assert_eq!(
-        std::fs::read_to_string(daemon.path("run/tokens/reports")).unwrap(),
-        "machine-token-1\n"
-    );
+    // The token file is written just after the token is committed (and the status shown).
+    wait_for("the token file", Duration::from_secs(5), || {
+        std::fs::read_to_string(daemon.path("run/tokens/reports"))
+            .is_ok_and(|t| t == "machine-token-1\n")
+    });
     let o = daemon.cli(&["token", "reports"]);
     assert_eq!(stdout(&o), "machine-token-1\n");
     let info = daemon.client("reports");

@@ -187,6 +187,18 @@ async fn a_peer_that_never_reads_is_cut_off_and_delays_nobody() {
     );
 }
 
+/// Waits for the daemon to answer on its socket again; says what its log says if it does not.
+fn bound_again(daemon: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if daemon.get("/v1/health").is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the socket was not bound again:\n{}", daemon.log_text());
+}
+
 #[test]
 fn the_open_files_limit_is_raised_and_a_lost_socket_is_bound_again() {
     let daemon = Daemon::start("", "");
@@ -207,17 +219,13 @@ fn the_open_files_limit_is_raised_and_a_lost_socket_is_bound_again() {
     let mut daemon = daemon;
     // Deleted: listened on again.
     std::fs::remove_file(&daemon.socket).unwrap();
-    wait_for("the socket bound again", Duration::from_secs(10), || {
-        daemon.get("/v1/health").is_ok()
-    });
+    bound_again(&daemon);
     assert!(daemon.log_text().contains("listening there again"));
     // Replaced by a dead socket file: removed and bound again.
     std::fs::remove_file(&daemon.socket).unwrap();
     drop(std::os::unix::net::UnixListener::bind(&daemon.socket).unwrap());
     std::thread::sleep(Duration::from_millis(500));
-    wait_for("the socket bound again", Duration::from_secs(10), || {
-        daemon.get("/v1/health").is_ok()
-    });
+    bound_again(&daemon);
     // Replaced by a file that is not a socket: the daemon stops and says why.
     std::fs::remove_file(&daemon.socket).unwrap();
     std::fs::write(&daemon.socket, "not a socket").unwrap();

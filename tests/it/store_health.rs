@@ -5,7 +5,7 @@
 //! the daemon is written again from what it holds, and a kill afterwards loses nothing.
 
 use crate::common::*;
-use oauth2mci::secret::Secret;
+use oauth2mci::Secret;
 use oauth2mci::store::{ClientRow, Store, Write};
 use oauth2mci::token::{TokenSet, now_ms};
 use std::sync::Arc;

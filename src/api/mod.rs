@@ -5,10 +5,13 @@
 //! waits for a slow refresh) delays nobody else. At most `limits.max_connections` are served at
 //! once and more wait in the listen backlog. Errors are `{"error": code, "message": text}`.
 
-use crate::fast_path::Answered;
+pub(crate) mod conn;
+pub(crate) mod fast_path;
+
+use crate::api::conn::{Conn, Listener};
+use crate::api::fast_path::Answered;
 use crate::registry::{Method, Registry, RegistryError, Trigger};
 use crate::token::now_ms;
-use crate::unix_conn::{Conn, Listener};
 use crate::wire::{self, ErrorReply, Health, ReloadReply, TokenReply};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -755,14 +758,16 @@ impl Acceptor {
                 _permit: permit,
                 _share: share,
             };
-            if let Err(e) = crate::unix_conn::read_first(&mut stream, &mut first) {
+            if let Err(e) = crate::api::conn::read_first(&mut stream, &mut first) {
                 tracing::debug!("socket connection: {e}");
                 continue;
             }
-            let answered = match crate::fast_path::parse(&first) {
+            let answered = match crate::api::fast_path::parse(&first) {
                 None => Ok(None),
-                Some(request) => crate::fast_path::answer(&mut stream, &request, &self.registry)
-                    .map(|answered| answered.map(|a| (a, request.close))),
+                Some(request) => {
+                    crate::api::fast_path::answer(&mut stream, &request, &self.registry)
+                        .map(|answered| answered.map(|a| (a, request.close)))
+                }
             };
             match answered {
                 Ok(None) => {

@@ -7,13 +7,14 @@
 
 use crate::config::{ClientConfig, Config, Grant, SinkConfig};
 use crate::counters::Counters;
-use crate::device::{self, DeviceGrant};
 use crate::notify::{self, Kind, Notice};
+use crate::oauth::device::{self, DeviceGrant};
+use crate::oauth::queue::{Endpoint, Urgency};
+use crate::oauth::redirect::{self, Arrival, Callback, Hub, PendingAuth};
 use crate::oauth::{self, Engine, ErrorClass, GrantError, Pkce};
 use crate::provider::{RefreshMechanism, Revocation, Rotation};
-use crate::queue::{Endpoint, Urgency};
-use crate::redirect::{self, Arrival, Callback, Hub, PendingAuth};
 use crate::scheduler::{self, ClockEvent, Scheduler};
+use crate::secret::Secret;
 use crate::sink;
 use crate::store::{ClientRow, Event, PendingRow, Snapshot, Store, Stored, Write};
 use crate::token::{TokenSet, now_ms};
@@ -122,6 +123,15 @@ pub enum Method {
     Browser,
     /// The device authorization grant: a code typed on another device.
     Device,
+}
+
+/// An authorization started, before it is saved: what the user is told, what is stored, how
+/// to stop it, and a device grant to poll.
+struct Started {
+    reply: AuthorizeReply,
+    row: PendingRow,
+    cancel: CancellationToken,
+    device: Option<DeviceGrant>,
 }
 
 /// What made a refresh happen; it decides whether a refresh that just finished is good enough.
@@ -610,7 +620,12 @@ impl Registry {
                 continue;
             };
             let cfg = client.config();
-            let resumed = match row.device.clone() {
+            // A row this version cannot read is dropped like an expired one.
+            let device: Option<DeviceGrant> = row
+                .device
+                .as_ref()
+                .and_then(|json| serde_json::from_str(json.expose()).ok());
+            let resumed = match device {
                 Some(grant) => {
                     let cancel = self.shutdown.child_token();
                     let reply = device_reply(&row.state, &grant);
@@ -648,7 +663,6 @@ impl Registry {
             verifier: row.pkce_verifier.clone(),
             redirect_uri: uri.clone(),
             fingerprint: cfg.fingerprint(),
-            expires_at: row.expires_at,
         };
         self.redirects.register(&uri, pending)?;
         let challenge = row.pkce_verifier.as_ref().map(Pkce::challenge_of);
@@ -1724,7 +1738,12 @@ impl Registry {
             Grant::DeviceCode => Method::Device,
             _ => Method::Browser,
         });
-        let (reply, row, cancel) = match method {
+        let Started {
+            reply,
+            row,
+            cancel,
+            device,
+        } = match method {
             Method::Browser => self.start_browser(&client, &cfg)?,
             Method::Device => self.start_device(&client, &cfg).await?,
         };
@@ -1732,7 +1751,6 @@ impl Registry {
         // One authorization per client at a time: a new one replaces those before (after it
         // registered, so that a fixed port keeps its listener).
         self.end_authorizations(&client, &state, Some((reply.clone(), cancel.clone())));
-        let device = row.device.clone();
         let writes = {
             let mut st = client.state();
             if asked && !st.status.has_grant() {
@@ -1781,7 +1799,7 @@ impl Registry {
         self: &Arc<Self>,
         client: &Arc<Client>,
         cfg: &ClientConfig,
-    ) -> Result<(AuthorizeReply, PendingRow, CancellationToken), RegistryError> {
+    ) -> Result<Started, RegistryError> {
         let requested = cfg
             .redirect_uri
             .as_deref()
@@ -1802,7 +1820,6 @@ impl Registry {
             verifier: pkce.as_ref().map(|p| p.verifier.clone()),
             redirect_uri: requested.clone(),
             fingerprint: cfg.fingerprint(),
-            expires_at,
         };
         let redirect_uri = self
             .redirects
@@ -1838,7 +1855,12 @@ impl Registry {
             verification_uri: None,
             expires_at,
         };
-        Ok((reply, row, CancellationToken::new()))
+        Ok(Started {
+            reply,
+            row,
+            cancel: CancellationToken::new(),
+            device: None,
+        })
     }
 
     /// Asks the server for a device code (RFC 8628); polling starts once it is saved.
@@ -1846,7 +1868,7 @@ impl Registry {
         &self,
         client: &Arc<Client>,
         cfg: &ClientConfig,
-    ) -> Result<(AuthorizeReply, PendingRow, CancellationToken), RegistryError> {
+    ) -> Result<Started, RegistryError> {
         if cfg.endpoints.device_authorization.is_none() {
             return Err(RegistryError::NotSupported(format!(
                 "provider {} has no device authorization endpoint: set provider.device_authorization_url, or authorize in a browser",
@@ -1870,9 +1892,15 @@ impl Registry {
             redirect_uri: String::new(),
             created_at: now_ms(),
             expires_at: grant.expires_at,
-            device: Some(grant),
+            // Serialising plain data cannot fail.
+            device: serde_json::to_string(&grant).ok().map(Secret::new),
         };
-        Ok((reply, row, self.shutdown.child_token()))
+        Ok(Started {
+            reply,
+            row,
+            cancel: self.shutdown.child_token(),
+            device: Some(grant),
+        })
     }
 
     /// Polls for the device authorization `state` in a tracked task until it ends. A restart

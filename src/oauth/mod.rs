@@ -2,6 +2,10 @@
 //! the client's profile says. It never looks at a provider's name and never stores anything:
 //! callers get a `TokenSet` or a classified `GrantError` and decide what to do with it.
 
+pub mod device;
+pub(crate) mod queue;
+pub(crate) mod redirect;
+
 use crate::config::ClientConfig;
 use crate::provider::{
     ClientAuth, ExpiryField, Profile, RefreshMechanism, RequestEncoding, ResponseFormat, Revocation,

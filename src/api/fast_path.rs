@@ -34,7 +34,7 @@ pub fn parse(bytes: &[u8]) -> Option<TokenRequest<'_>> {
     if head != bytes.len() || request.method != Some("GET") || request.version != Some(1) {
         return None;
     }
-    let close = crate::unix_conn::asks_to_close(request.headers)?;
+    let close = crate::api::conn::asks_to_close(request.headers)?;
     let target = request.path?;
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let name = path.strip_prefix("/v1/clients/")?.strip_suffix("/token")?;

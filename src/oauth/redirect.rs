@@ -30,7 +30,6 @@ pub struct PendingAuth {
     pub redirect_uri: Url,
     /// The client's configuration fingerprint when it started; a change voids it.
     pub fingerprint: String,
-    pub expires_at: i64,
 }
 
 /// What the browser brought back.

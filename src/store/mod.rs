@@ -119,8 +119,9 @@ pub struct PendingRow {
     pub redirect_uri: String,
     pub created_at: i64,
     pub expires_at: i64,
-    /// A device authorization's codes and polling interval.
-    pub device: Option<crate::device::DeviceGrant>,
+    /// A device authorization's codes and polling interval, as its owner wrote them (JSON):
+    /// the store keeps it sealed without reading it.
+    pub device: Option<Secret>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -313,7 +314,7 @@ impl Store {
                     created_at: r.get(4)?,
                     expires_at: r.get(5)?,
                     // A row this version cannot read is dropped like an expired one.
-                    device: open(6, "device")?.and_then(|json| serde_json::from_str(&json).ok()),
+                    device: open(6, "device")?.map(Secret::new),
                     state,
                 })
             })
@@ -913,8 +914,7 @@ fn apply_unit(conn: &Connection, writes: &[Write], sealer: &Sealer) -> rusqlite:
                     p.expires_at,
                     p.device
                         .as_ref()
-                        .and_then(|d| serde_json::to_string(d).ok())
-                        .map(|json| sealer.seal(&json, &pending_place("device", &p.state)))
+                        .map(|json| sealer.seal(json.expose(), &pending_place("device", &p.state)))
                 ])?;
             }
             Write::PendingDone { state } => {

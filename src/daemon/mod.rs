@@ -4,6 +4,8 @@
 //! Shutdown order matters: stop taking requests, let grant requests in flight finish (a rotated
 //! refresh token that is not saved is lost), then close the store and remove the socket file.
 
+pub(crate) mod watch;
+
 use crate::api;
 use crate::config::{self, Config};
 use crate::registry::Registry;
@@ -239,7 +241,7 @@ async fn serve(
         early.disarm();
     }
     // One watcher for the configuration, the state folder and the socket's folder.
-    let watches = crate::watch::Watches::new().map_err(start)?;
+    let watches = crate::daemon::watch::Watches::new().map_err(start)?;
     let watcher = watch_config(&watches, registry.clone());
     watch_socket(&watches, &api, &registry, stop_reason.clone());
     let lock = Arc::new(std::sync::Mutex::new(_lock));
@@ -333,7 +335,7 @@ fn descriptor_budget(limits: &config::Limits) -> api::Connections {
 /// now listens there, or something else than a socket was put there, stops the daemon with
 /// that reason (systemd then restarts it, and the start says what is wrong).
 fn watch_socket(
-    watches: &crate::watch::Watches,
+    watches: &crate::daemon::watch::Watches,
     api: &api::Server,
     registry: &Arc<Registry>,
     stop_reason: Arc<std::sync::Mutex<Option<String>>>,
@@ -466,10 +468,11 @@ fn signal_handler(registry: Arc<Registry>) -> Result<signal_hook_tokio::Handle, 
 
 /// Reloads when the configuration file changes, however it is deployed (`watch`).
 fn watch_config(
-    watches: &crate::watch::Watches,
+    watches: &crate::daemon::watch::Watches,
     registry: Arc<Registry>,
-) -> crate::watch::Follower {
-    let (follower, mut changes) = crate::watch::follow(watches, registry.config().file.clone());
+) -> crate::daemon::watch::Follower {
+    let (follower, mut changes) =
+        crate::daemon::watch::follow(watches, registry.config().file.clone());
     let shutdown = registry.shutdown.clone();
     tokio::spawn(async move {
         loop {
@@ -503,7 +506,7 @@ fn names_come_or_go<N: AsRef<std::ffi::OsStr>>(event: &notify::Event, names: &[N
 /// it at its next write anyway; when the folder cannot be watched, only writes look). The
 /// state folder's lock is taken again if its file is removed.
 fn watch_state(
-    watches: &crate::watch::Watches,
+    watches: &crate::daemon::watch::Watches,
     dir: &Path,
     store: crate::store::Store,
     lock: Arc<std::sync::Mutex<nix::fcntl::Flock<std::fs::File>>>,
