@@ -49,6 +49,18 @@ const DRAIN: Duration = Duration::from_millis(200);
 /// The process groups started and not known to be empty.
 static GROUPS: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
 
+/// Set once `kill_all` began: no child starts after it (a reload queued behind the shutdown
+/// would otherwise start a secret command that outlives the daemon).
+static CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether children may still be started; say why not otherwise.
+pub fn may_start() -> std::io::Result<()> {
+    if CLOSED.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(std::io::Error::other("the daemon is stopping"));
+    }
+    Ok(())
+}
+
 fn groups() -> std::sync::MutexGuard<'static, Option<HashSet<i32>>> {
     GROUPS.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -69,10 +81,15 @@ pub fn prepare<'a>(
     command.envs(env).process_group(0)
 }
 
-/// Records a child's process group, so that `kill_all` reaches it.
+/// Records a child's process group, so that `kill_all` reaches it; kills it at once if the
+/// daemon began stopping while it started.
 pub fn track(pid: u32) {
     let pgid = pid as i32;
     let mut groups = groups();
+    if CLOSED.load(std::sync::atomic::Ordering::SeqCst) {
+        kill_group(pid);
+        return;
+    }
     let set = groups.get_or_insert_with(HashSet::new);
     // Groups whose every process has ended are forgotten (their number may be reused).
     set.retain(|&g| alive(g));
@@ -94,12 +111,16 @@ pub fn kill_group(pid: u32) {
 /// Ends every process group a child started that still has processes in it: SIGTERM, and
 /// SIGKILL for what is left after `grace`. Called at shutdown.
 pub fn kill_all(grace: Duration) {
-    let pending: Vec<i32> = groups()
-        .take()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|&g| alive(g))
-        .collect();
+    let pending: Vec<i32> = {
+        let mut groups = groups();
+        // Under the lock `track` takes: a child tracked after this is killed by `track`.
+        CLOSED.store(true, std::sync::atomic::Ordering::SeqCst);
+        groups.take()
+    }
+    .unwrap_or_default()
+    .into_iter()
+    .filter(|&g| alive(g))
+    .collect();
     if pending.is_empty() {
         return;
     }
@@ -185,6 +206,7 @@ pub fn run_captured(
     timeout: Duration,
     cap: usize,
 ) -> std::io::Result<Finished> {
+    may_start()?;
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

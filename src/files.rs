@@ -69,7 +69,7 @@ impl Kind {
         }
     }
 
-    fn describe(self) -> &'static str {
+    pub fn describe(self) -> &'static str {
         match self {
             Kind::Regular => "a regular file",
             Kind::Folder => "a folder",

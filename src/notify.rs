@@ -105,16 +105,27 @@ pub fn send(cfg: &NotifyConfig, notice: Notice, tasks: &TaskTracker) {
     });
 }
 
+/// `arg` with each placeholder (`config::values::PLACEHOLDERS`) replaced by its value.
 fn substitute(arg: &str, n: &Notice) -> String {
-    arg.replace("{client}", &n.client)
-        .replace("{event}", n.kind.name())
-        .replace("{error}", &n.error)
-        .replace("{reason}", &n.error)
-        .replace("{url}", &n.url)
-        .replace("{user_code}", &n.user_code)
-        .replace("{verification_uri}", &n.verification_uri)
-        .replace("{provider}", &n.provider)
-        .replace("{failures}", &n.failures.to_string())
+    let mut out = arg.to_string();
+    for (placeholder, _) in crate::config::values::PLACEHOLDERS {
+        if !out.contains(placeholder) {
+            continue;
+        }
+        let value = match placeholder {
+            "{client}" => n.client.clone(),
+            "{event}" => n.kind.name().to_string(),
+            "{provider}" => n.provider.clone(),
+            "{failures}" => n.failures.to_string(),
+            "{url}" => n.url.clone(),
+            "{user_code}" => n.user_code.clone(),
+            "{verification_uri}" => n.verification_uri.clone(),
+            // {error} and {reason}: the same text.
+            _ => n.error.clone(),
+        };
+        out = out.replace(placeholder, &value);
+    }
+    out
 }
 
 fn environment(n: &Notice) -> Vec<(&'static str, String)> {
@@ -143,6 +154,7 @@ async fn run(argv: &[String], n: &Notice, timeout: Duration) -> Result<(), Strin
     use tokio::io::AsyncReadExt;
     let args: Vec<String> = argv.iter().map(|a| substitute(a, n)).collect();
     let (program, rest) = args.split_first().ok_or("empty command")?;
+    crate::children::may_start().map_err(|e| format!("{program:?} not started: {e}"))?;
     let mut command = std::process::Command::new(program);
     command.args(rest);
     crate::children::prepare(&mut command, environment(n));

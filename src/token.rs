@@ -55,8 +55,34 @@ impl TokenSet {
 
     /// Whether the access token is still valid `min_valid` after `now`.
     pub fn valid_for(&self, now: i64, min_valid: Duration) -> bool {
-        self.remaining(now)
-            .is_none_or(|left| left > min_valid.as_millis() as i64)
+        let min = i64::try_from(min_valid.as_millis()).unwrap_or(i64::MAX);
+        self.remaining(now).is_none_or(|left| left > min)
+    }
+
+    /// Whether the token is good enough for a consumer asking for `min_valid`: valid that much
+    /// longer, or, when the server grants less than that (a new token would not be either),
+    /// at least half its lifetime. A consumer asking for more than the server grants must not
+    /// have every request refresh.
+    pub fn serves(&self, now: i64, min_valid: Duration) -> bool {
+        match self.lifetime() {
+            Some(life) if i64::try_from(min_valid.as_millis()).unwrap_or(i64::MAX) >= life => {
+                self.valid_for(now, Duration::from_millis((life / 2).max(0) as u64))
+            }
+            _ => self.valid_for(now, min_valid),
+        }
+    }
+
+    /// Why the token cannot be valid `min_valid` longer however it is renewed, if so: the
+    /// server grants less.
+    pub fn short_of(&self, min_valid: Duration) -> Option<String> {
+        let life = self.lifetime()?;
+        (i64::try_from(min_valid.as_millis()).unwrap_or(i64::MAX) >= life).then(|| {
+            format!(
+                "the server grants tokens valid for {}; one valid for {} more cannot be had",
+                crate::duration::show(Duration::from_millis(life.max(0) as u64)),
+                crate::duration::show(min_valid)
+            )
+        })
     }
 
     /// Moves every time by `delta` ms: they were read on a wall clock that was then set.
@@ -320,6 +346,24 @@ mod tests {
         assert!(t.valid_for(0, Duration::from_secs(9)));
         assert!(!t.valid_for(0, Duration::from_secs(10)));
         assert!(token(None, None).valid_for(i64::MAX, Duration::from_secs(3600)));
+        // A minimum too large for milliseconds is never met, not wrapped around.
+        assert!(!t.valid_for(0, Duration::MAX));
+        assert!(!t.valid_for(0, Duration::from_secs(u64::MAX / 1000)));
+    }
+
+    #[test]
+    fn a_minimum_longer_than_the_server_grants_does_not_refresh_every_time() {
+        // A 10 s token (obtained at 0), asked for 60 s: fresh enough while half is left.
+        let t = token(None, Some(10_000));
+        assert!(t.serves(0, Duration::from_secs(60)));
+        assert!(t.serves(4_999, Duration::from_secs(60)));
+        assert!(!t.serves(5_000, Duration::from_secs(60)));
+        assert!(t.short_of(Duration::from_secs(60)).is_some());
+        // Within what the server grants, the minimum is the minimum.
+        assert!(t.serves(0, Duration::from_secs(9)));
+        assert!(!t.serves(1_500, Duration::from_secs(9)));
+        assert_eq!(t.short_of(Duration::from_secs(9)), None);
+        assert!(!t.serves(0, Duration::MAX) || t.short_of(Duration::MAX).is_some());
     }
 
     #[test]

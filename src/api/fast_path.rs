@@ -77,10 +77,12 @@ pub fn answer(
     request: &TokenRequest,
     registry: &Registry,
 ) -> io::Result<Option<Answered>> {
-    // A token held in memory only is served with a warning, by the full server.
+    // A token held in memory only, or one asked for longer than the server grants, is
+    // served with a warning, by the full server.
     let Some(token) = registry
         .client(request.name)
         .and_then(|c| c.saved_ready_token(request.min_valid))
+        .filter(|t| t.short_of(request.min_valid).is_none())
     else {
         return Ok(None);
     };

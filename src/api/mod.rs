@@ -192,7 +192,14 @@ async fn token(
     let min_valid = duration_param(&params, "min_valid")?.unwrap_or(Duration::ZERO);
     let t = r.token(&name, min_valid).await?;
     let mut reply = TokenReply::of(&t, now_ms());
-    reply.warning = r.client(&name).and_then(|c| c.unsaved_warning());
+    let warnings: Vec<String> = [
+        r.client(&name).and_then(|c| c.unsaved_warning()),
+        t.short_of(min_valid),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    reply.warning = (!warnings.is_empty()).then(|| warnings.join("; "));
     let mut response = Json(reply).into_response();
     response
         .headers_mut()
@@ -405,7 +412,15 @@ pub fn bind(path: &FsPath, mode: u32, gid: Option<u32>) -> Result<Listener, Stri
     if let Some(dir) = path.parent() {
         crate::files::make_dir(dir, gid)?;
     }
-    if path.exists() {
+    if let Ok(found) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        // Only a socket nobody listens on is removed: anything else at the path is not ours.
+        if !found.file_type().is_socket() {
+            return Err(format!(
+                "{} is there and is not a socket; the daemon does not remove it: move it, or set paths.socket",
+                path.display()
+            ));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(format!(
                 "another oauth2mci daemon is already listening on {}",
@@ -571,6 +586,8 @@ pub struct Server {
 struct Acceptor {
     /// Replaced when the socket file is lost and bound again (`Server::rebind`).
     listener: std::sync::RwLock<Arc<Listener>>,
+    /// The socket file bound, by device and inode: only that one is ever removed.
+    bound: std::sync::Mutex<Option<(u64, u64)>>,
     registry: Arc<Registry>,
     app: Router,
     /// One permit for each connection being served, fast or not.
@@ -600,6 +617,7 @@ pub fn serve(
     let peers = PeerPolicy::new(&registry.config().socket);
     let acceptor = Arc::new(Acceptor {
         listener: std::sync::RwLock::new(Arc::new(listener)),
+        bound: std::sync::Mutex::new(file_id(&registry.config().paths.socket)),
         app: router(registry.clone()),
         registry,
         slots: Arc::new(Semaphore::new(connections.max.max(1))),
@@ -652,6 +670,11 @@ impl Rebinder {
     /// and accepts there from now on.
     pub fn rebind(&self, path: &FsPath, mode: u32, gid: Option<u32>) -> Result<(), String> {
         let fresh = Arc::new(bind(path, mode, gid)?);
+        *self
+            .acceptor
+            .bound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = file_id(path);
         let old = std::mem::replace(
             &mut *self
                 .acceptor
@@ -665,7 +688,37 @@ impl Rebinder {
     }
 }
 
+/// A file's device and inode, not following a link.
+fn file_id(path: &FsPath) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Removes the socket file at `path` if it is `bound` (`Server::bound_socket`): a file put
+/// there by someone else is left alone.
+pub fn remove_socket_if_ours(path: &FsPath, bound: Option<(u64, u64)>) {
+    if bound.is_none() || file_id(path) != bound {
+        return;
+    }
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!("cannot remove the socket {}: {e}", path.display());
+    }
+}
+
 impl Server {
+    /// The socket file bound now, by device and inode.
+    pub fn bound_socket(&self) -> Option<(u64, u64)> {
+        *self
+            .acceptor
+            .bound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn rebinder(&self) -> Rebinder {
         Rebinder {
             acceptor: self.acceptor.clone(),

@@ -17,11 +17,17 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::fmt;
 use std::path::Path;
 
-/// Far above any real configuration (100,000 clients take 15 MB; a million, about 150 MB) and
-/// below what a machine running this daemon can parse without swapping.
+/// Far above any real configuration (100,000 clients take 15 MB; a million, about 150 MB).
 pub const MAX_FILE_BYTES: u64 = 512 * 1024 * 1024;
 /// A configuration's own structure is 6 levels deep (`clients.a.provider.token_params.k`).
 pub const MAX_DEPTH: usize = 32;
+/// Nodes (scalars and collections) the file may hold: parsing holds an event of about 140
+/// bytes for each, so this keeps a parse under about 2.2 GB, with room for a million clients
+/// written compactly (13 nodes each).
+pub const MAX_NODES: u64 = 16_000_000;
+/// The longest scalar: no setting needs more (a secret written inline is 64 KiB at most), and
+/// a scalar is copied several times on its way from the text to a setting.
+pub const MAX_SCALAR_BYTES: usize = 1024 * 1024;
 /// Aliases may add this many nodes to what the file holds.
 pub const MAX_ALIAS_NODES: u64 = 1_000_000;
 /// ...and this much scalar text.
@@ -29,7 +35,7 @@ pub const MAX_ALIAS_BYTES: u64 = 16 * 1024 * 1024;
 /// What one daemon is measured to carry (BENCHMARKS.md); beyond it, run several.
 pub const MAX_CLIENTS: usize = 1_000_000;
 
-/// What the scan found: where the nesting goes too deep, and whether there are anchors.
+/// What the scan found: whether there are anchors, and where the first one is.
 #[derive(Debug, PartialEq)]
 pub struct Shape {
     /// Where the first anchor (`&name`) stands, if any: aliases may then expand, which
@@ -39,13 +45,42 @@ pub struct Shape {
 
 /// A limit passed at `(line, column)`, 1-based.
 #[derive(Debug, PartialEq)]
-pub struct TooDeep {
+pub struct Passed {
     pub line: usize,
     pub column: usize,
+    pub limit: Limit,
 }
 
-/// Scans `src` for its nesting depth and anchors, in one pass.
-pub fn shape(src: &str) -> Result<Shape, TooDeep> {
+/// Which limit.
+#[derive(Debug, PartialEq, Clone, Copy)]
+pub enum Limit {
+    Depth,
+    Nodes,
+    Scalar,
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Limit::Depth => write!(
+                f,
+                "nested deeper than {MAX_DEPTH} levels; a configuration needs fewer than 10"
+            ),
+            Limit::Nodes => write!(
+                f,
+                "more than {MAX_NODES} YAML nodes; a configuration of a million clients needs fewer"
+            ),
+            Limit::Scalar => write!(
+                f,
+                "a value longer than {} MiB; no setting needs that much",
+                MAX_SCALAR_BYTES / (1024 * 1024)
+            ),
+        }
+    }
+}
+
+/// Scans `src` for its nesting depth, nodes, scalar sizes and anchors, in one pass.
+pub fn shape(src: &str) -> Result<Shape, Passed> {
     Scanner::new(src).run()
 }
 
@@ -58,6 +93,10 @@ struct Scanner<'a> {
     indents: Vec<usize>,
     /// Open flow collections (`[`, `{`).
     flow: usize,
+    nodes: u64,
+    /// A plain scalar that ended a line in block context may go on, on lines indented more
+    /// than the line it began on: that indentation, and its length so far.
+    plain: Option<(usize, usize)>,
     first_anchor: Option<(usize, usize)>,
 }
 
@@ -70,17 +109,24 @@ impl<'a> Scanner<'a> {
             line_start: 0,
             indents: Vec::new(),
             flow: 0,
+            nodes: 0,
+            plain: None,
             first_anchor: None,
         }
     }
 
-    fn too_deep(&self) -> TooDeep {
+    fn passed(&self, limit: Limit) -> Passed {
         let (line, column) = self.here();
-        TooDeep { line, column }
+        Passed {
+            line,
+            column,
+            limit,
+        }
     }
 
     fn here(&self) -> (usize, usize) {
-        let column = String::from_utf8_lossy(&self.bytes[self.line_start..self.at])
+        let end = self.at.min(self.bytes.len());
+        let column = String::from_utf8_lossy(&self.bytes[self.line_start.min(end)..end])
             .chars()
             .count()
             + 1;
@@ -97,7 +143,21 @@ impl<'a> Scanner<'a> {
         self.line_start = self.at;
     }
 
-    fn run(mut self) -> Result<Shape, TooDeep> {
+    /// Counts one more node, starting here.
+    fn node(&mut self) -> Result<(), Passed> {
+        self.nodes += 1;
+        if self.nodes > MAX_NODES {
+            return Err(self.passed(Limit::Nodes));
+        }
+        Ok(())
+    }
+
+    fn run(mut self) -> Result<Shape, Passed> {
+        // A byte order mark is not content (libyaml skips it).
+        if self.bytes.starts_with("\u{feff}".as_bytes()) {
+            self.at = 3;
+            self.line_start = 3;
+        }
         while self.at < self.bytes.len() {
             self.line_of_text()?;
         }
@@ -107,31 +167,80 @@ impl<'a> Scanner<'a> {
     }
 
     /// One line from its start: its indentation (in block context), then its nodes.
-    fn line_of_text(&mut self) -> Result<(), TooDeep> {
+    fn line_of_text(&mut self) -> Result<(), Passed> {
         let mut indent = 0;
         while self.peek(indent) == b' ' {
             indent += 1;
         }
         let first = self.peek(indent);
+        let start = self.at;
         self.at += indent;
         if matches!(first, b'\n' | b'#') || self.at >= self.bytes.len() {
             return self.rest_of_line();
         }
         if self.flow == 0 {
+            if let Some((began, length)) = self.plain.take()
+                && indent > began
+                && self.continues_plain()
+            {
+                // The plain scalar of an earlier line goes on here.
+                return self.plain_continued(began, length);
+            }
+            // Document markers: what follows `---` is a node.
+            if indent == 0
+                && (self.bytes[start..].starts_with(b"---")
+                    || self.bytes[start..].starts_with(b"..."))
+                && matches!(self.peek(3), b' ' | b'\t' | b'\n' | b'\r')
+            {
+                self.at += 3;
+                return self.nodes(indent);
+            }
             while self.indents.last().is_some_and(|&i| i > indent) {
                 self.indents.pop();
             }
             if self.indents.last().is_none_or(|&i| i < indent) {
                 self.indents.push(indent);
+                self.node()?;
             }
             self.check_depth(0)?;
         }
         self.nodes(indent)
     }
 
-    fn check_depth(&self, extra: usize) -> Result<(), TooDeep> {
+    /// Whether the line from here can only go on a plain scalar: nothing on it starts a node
+    /// of its own (`- `, `? `, `key: `, a comment).
+    fn continues_plain(&self) -> bool {
+        let line_end = self.bytes[self.at..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(self.bytes.len(), |i| self.at + i);
+        let line = &self.bytes[self.at..line_end];
+        let starts_node = matches!(line.first(), Some(b'-' | b'?'))
+            && matches!(line.get(1), None | Some(b' ' | b'\t' | b'\r'));
+        let has_key = line
+            .windows(2)
+            .any(|w| w[0] == b':' && matches!(w[1], b' ' | b'\t' | b'\r'))
+            || line.ends_with(b":");
+        !starts_node && !has_key && line.first() != Some(&b'#')
+    }
+
+    fn plain_continued(&mut self, began: usize, length: usize) -> Result<(), Passed> {
+        let from = self.at;
+        self.skip_to_line_end();
+        let length = length + (self.at - from);
+        if length > MAX_SCALAR_BYTES {
+            return Err(self.passed(Limit::Scalar));
+        }
+        self.plain = Some((began, length));
+        if self.at < self.bytes.len() {
+            self.newline();
+        }
+        Ok(())
+    }
+
+    fn check_depth(&self, extra: usize) -> Result<(), Passed> {
         if self.indents.len() + self.flow + extra > MAX_DEPTH {
-            Err(self.too_deep())
+            Err(self.passed(Limit::Depth))
         } else {
             Ok(())
         }
@@ -139,8 +248,8 @@ impl<'a> Scanner<'a> {
 
     /// The nodes of a line (and of following lines, while a quoted scalar or a flow collection
     /// goes on): `indent` is the line's, for a block scalar's extent.
-    fn nodes(&mut self, indent: usize) -> Result<(), TooDeep> {
-        // Compact nesting on one line (`- - x`, `a: - b` is not YAML but `- a: b` is).
+    fn nodes(&mut self, indent: usize) -> Result<(), Passed> {
+        // Compact nesting on one line (`- - x`, `- a: b`).
         let mut extra = 0;
         let mut node_start = true;
         while self.at < self.bytes.len() {
@@ -162,6 +271,7 @@ impl<'a> Scanner<'a> {
                     self.skip_to_line_end()
                 }
                 b'[' | b'{' if node_start || self.flow > 0 => {
+                    self.node()?;
                     self.flow += 1;
                     self.check_depth(extra)?;
                     self.at += 1;
@@ -177,12 +287,21 @@ impl<'a> Scanner<'a> {
                     node_start = true;
                 }
                 b'"' if node_start => {
-                    self.double_quoted();
+                    self.node()?;
+                    self.double_quoted()?;
                     node_start = false;
                 }
                 b'\'' if node_start => {
-                    self.single_quoted();
+                    self.node()?;
+                    self.single_quoted()?;
                     node_start = false;
+                }
+                b'!' if node_start && self.peek(1) == b'<' => {
+                    // A verbatim tag (`!<tag:x,y>`) may hold any character but `>`.
+                    while !matches!(self.peek(0), b'>' | b'\n') {
+                        self.at += 1;
+                    }
+                    self.at += 1;
                 }
                 b'&' | b'*' | b'!' if node_start => {
                     if b == b'&' && self.first_anchor.is_none() {
@@ -190,26 +309,29 @@ impl<'a> Scanner<'a> {
                     }
                     while !matches!(
                         self.peek(0),
-                        b' ' | b'\t' | b'\n' | b',' | b'[' | b']' | b'{' | b'}'
+                        b' ' | b'\t' | b'\n' | b'\r' | b',' | b'[' | b']' | b'{' | b'}'
                     ) {
                         self.at += 1;
                     }
                 }
                 b'|' | b'>' if node_start && self.flow == 0 => {
+                    self.node()?;
                     self.skip_to_line_end();
-                    self.block_scalar(indent);
+                    self.block_scalar(indent)?;
                     return Ok(());
                 }
                 b'-' | b'?' | b':' if matches!(self.peek(1), b' ' | b'\t' | b'\n' | b'\r') => {
                     if b != b':' && node_start && self.flow == 0 {
                         extra += 1;
+                        self.node()?;
                         self.check_depth(extra)?;
                     }
                     self.at += 1;
                     node_start = true;
                 }
                 _ => {
-                    self.plain();
+                    self.node()?;
+                    self.plain(indent)?;
                     node_start = false;
                 }
             }
@@ -217,7 +339,7 @@ impl<'a> Scanner<'a> {
         Ok(())
     }
 
-    fn rest_of_line(&mut self) -> Result<(), TooDeep> {
+    fn rest_of_line(&mut self) -> Result<(), Passed> {
         self.skip_to_line_end();
         if self.at < self.bytes.len() {
             self.newline();
@@ -231,8 +353,10 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// A plain scalar: up to what ends one in the current context.
-    fn plain(&mut self) {
+    /// A plain scalar: up to what ends one in the current context. One that reaches the end
+    /// of its line in block context may go on on the next (`plain`).
+    fn plain(&mut self, indent: usize) -> Result<(), Passed> {
+        let from = self.at;
         self.at += 1;
         while self.at < self.bytes.len() {
             let b = self.bytes[self.at];
@@ -247,13 +371,21 @@ impl<'a> Scanner<'a> {
                 _ => false,
             };
             if ends {
-                return;
+                break;
             }
             self.at += 1;
         }
+        if self.at - from > MAX_SCALAR_BYTES {
+            return Err(self.passed(Limit::Scalar));
+        }
+        if self.flow == 0 && self.peek(0) == b'\n' {
+            self.plain = Some((indent, self.at - from));
+        }
+        Ok(())
     }
 
-    fn double_quoted(&mut self) {
+    fn double_quoted(&mut self) -> Result<(), Passed> {
+        let from = self.at;
         self.at += 1;
         while self.at < self.bytes.len() {
             match self.bytes[self.at] {
@@ -265,32 +397,44 @@ impl<'a> Scanner<'a> {
                 b'\\' => self.at += 2,
                 b'"' => {
                     self.at += 1;
-                    return;
+                    break;
                 }
                 b'\n' => self.newline(),
                 _ => self.at += 1,
             }
         }
+        self.scalar_ends(from)
     }
 
-    fn single_quoted(&mut self) {
+    fn single_quoted(&mut self) -> Result<(), Passed> {
+        let from = self.at;
         self.at += 1;
         while self.at < self.bytes.len() {
             match self.bytes[self.at] {
                 b'\'' if self.peek(1) == b'\'' => self.at += 2,
                 b'\'' => {
                     self.at += 1;
-                    return;
+                    break;
                 }
                 b'\n' => self.newline(),
                 _ => self.at += 1,
             }
         }
+        self.scalar_ends(from)
+    }
+
+    fn scalar_ends(&self, from: usize) -> Result<(), Passed> {
+        if self.at.saturating_sub(from) > MAX_SCALAR_BYTES {
+            Err(self.passed(Limit::Scalar))
+        } else {
+            Ok(())
+        }
     }
 
     /// The lines of a block scalar (`|`, `>`) after its header line: blank, or indented more
     /// than the line that opened it. The newline of the header line is next.
-    fn block_scalar(&mut self, indent: usize) {
+    fn block_scalar(&mut self, indent: usize) -> Result<(), Passed> {
+        let from = self.at;
         while self.at < self.bytes.len() {
             self.newline();
             let mut spaces = 0;
@@ -301,10 +445,12 @@ impl<'a> Scanner<'a> {
             let blank = matches!(next, b'\n' | b'\r');
             if !blank && spaces <= indent || self.at + spaces >= self.bytes.len() {
                 // Not part of it: the next line starts here.
-                return;
+                return self.scalar_ends(from);
             }
             self.skip_to_line_end();
+            self.scalar_ends(from)?;
         }
+        self.scalar_ends(from)
     }
 }
 
@@ -449,7 +595,10 @@ mod tests {
     use super::*;
 
     fn depth_error(src: &str) -> Option<(usize, usize)> {
-        shape(src).err().map(|e| (e.line, e.column))
+        shape(src).err().map(|e| {
+            assert_eq!(e.limit, Limit::Depth);
+            (e.line, e.column)
+        })
     }
 
     #[test]
@@ -472,6 +621,72 @@ mod tests {
         assert!(depth_error(&compact).is_some());
         let mixed = format!("a:\n  b: {}\n", "{c: ".repeat(40));
         assert!(depth_error(&mixed).is_some());
+    }
+
+    #[test]
+    fn nesting_hidden_in_every_construct_is_found() {
+        let deep = "[".repeat(100);
+        for before in [
+            "x: !<tag:a,b> ",
+            "x: !<a[b]{c}> ",
+            "--- ",
+            "---\t",
+            "\u{feff}",
+            "\u{feff}x: ",
+            "x:\t",
+            "- ",
+            "-\t",
+            "? ",
+            "x: &a ",
+            "x: !!seq ",
+            "x: !t ",
+            "\"k\": ",
+            "'k': ",
+            "{k: ",
+            "x:\r\n  ",
+            "x: |\n  text\ny: ",
+            "x: >2\n   text\ny: ",
+            "x: 'multi\n  line'\ny: ",
+            "x: \"a\\\n b\"\ny: ",
+            "x: plain\n  continued\ny: ",
+            "x: [a, 'b, c', \"d]\", ",
+        ] {
+            let src = format!("{before}{deep}");
+            let e = shape(&src).expect_err(&format!("{before:?}"));
+            assert_eq!(e.limit, Limit::Depth, "{before:?}");
+        }
+    }
+
+    #[test]
+    fn nodes_and_scalars_are_bounded() {
+        let many = format!("x: [{}]\n", "1,".repeat(MAX_NODES as usize));
+        let e = shape(&many).unwrap_err();
+        assert_eq!(e.limit, Limit::Nodes);
+        assert_eq!(e.line, 1);
+        let big = "x".repeat(MAX_SCALAR_BYTES + 1);
+        for src in [
+            format!("a: {big}\n"),
+            format!("a: '{big}'\n"),
+            format!("a: \"{big}\"\n"),
+            format!("a: |\n  {big}\n"),
+            format!(
+                "a: start\n{}\n",
+                vec![format!("  {}", "y".repeat(1000)); 1100].join("\n")
+            ),
+            format!(
+                "a: >\n{}\n",
+                vec![format!("  {}", "y".repeat(1000)); 1100].join("\n")
+            ),
+        ] {
+            assert_eq!(
+                shape(&src).unwrap_err().limit,
+                Limit::Scalar,
+                "{}",
+                &src[..20]
+            );
+        }
+        let fine = format!("a: '{}'\nb: {}\n", "x".repeat(60_000), "y".repeat(60_000));
+        assert!(shape(&fine).is_ok());
     }
 
     #[test]

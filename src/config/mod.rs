@@ -868,10 +868,7 @@ fn check_limits(src: &str, file: &Path) -> Result<(), ConfigError> {
     let shape = limits::shape(src).map_err(|at| ConfigError {
         file: file.to_path_buf(),
         position: Some((at.line, at.column)),
-        message: format!(
-            "nested deeper than {} levels; a configuration needs fewer than 10",
-            limits::MAX_DEPTH
-        ),
+        message: at.limit.to_string(),
     })?;
     if let Some(anchor) = shape.first_anchor {
         limits::expansion(src).map_err(|e| {
@@ -1382,6 +1379,16 @@ impl<'a> Resolver<'a> {
                 .map(|(i, u)| self.user(&["socket", "allow_users", &i.to_string()], &u.0))
                 .collect::<Result<_, _>>()?,
         };
+        for (name, hook) in [
+            ("on_reauth_needed", &raw.notify.on_reauth_needed),
+            ("on_error", &raw.notify.on_error),
+            ("on_refresh", &raw.notify.on_refresh),
+            ("on_warning", &raw.notify.on_warning),
+        ] {
+            if let Some(Command(argv)) = hook {
+                values::check_hook(argv).map_err(|m| self.error(&["notify", name], m))?;
+            }
+        }
         let notify = NotifyConfig {
             on_reauth_needed: raw.notify.on_reauth_needed.map(|c| c.0),
             on_error: raw.notify.on_error.map(|c| c.0),
@@ -1529,10 +1536,52 @@ impl<'a> Resolver<'a> {
             ),
         ];
         files.extend(self.read_files.borrow_mut().drain(..));
-        let folders = vec![(
+        let mut folders = vec![(
             config.paths.state_dir.clone(),
             "the state folder (the database, its -wal and -shm files, the lock)".to_string(),
         )];
+        // A database that is a link: SQLite keeps its log and shared memory beside the file
+        // the link leads to, which is then the daemon's too.
+        let real_db = crate::files::resolve(&db);
+        if real_db != crate::files::resolve(&config.paths.state_dir).join("state.db") {
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                let path = PathBuf::from(format!("{}{suffix}", real_db.display()));
+                files.push((
+                    path,
+                    "the file the database link leads to, or beside it".into(),
+                ));
+            }
+            if let Some(folder) = real_db.parent() {
+                folders.push((
+                    folder.to_path_buf(),
+                    "the folder the database link leads to".into(),
+                ));
+            }
+        }
+        // The socket is bound in place of what is at its path: none of the daemon's own files.
+        let others: Vec<(PathBuf, String)> = files
+            .iter()
+            .filter(|(path, _)| *path != config.paths.socket)
+            .cloned()
+            .collect();
+        let place =
+            Place::of(&config.paths.socket).map_err(|m| self.error(&["paths", "socket"], m))?;
+        let clash = Protected::new(others, folders.clone())
+            .clash(&place)
+            .map(|what| format!("would replace {what}"));
+        let not_a_socket = match place.existing {
+            Some((_, kind)) if kind != crate::files::Kind::Socket => Some(format!(
+                "is {}, not a socket; the daemon binds its socket only where none or a stale one is",
+                kind.describe()
+            )),
+            _ => None,
+        };
+        if let Some(m) = clash.or(not_a_socket) {
+            return Err(self.error(
+                &["paths", "socket"],
+                format!("{}: it {m}", config.paths.socket.display()),
+            ));
+        }
         let protected = Protected::new(files, folders);
         let mut by_entry: HashMap<(Folder, std::ffi::OsString), (Arc<str>, usize)> = HashMap::new();
         let mut by_file: HashMap<FileId, (Arc<str>, usize)> = HashMap::new();

@@ -156,6 +156,69 @@ impl<'de> Deserialize<'de> for Command {
     }
 }
 
+/// The placeholders of a hook's arguments, each with whether its value comes from outside the
+/// configuration (a server's error text, a URL, a code it chose): such text must never become
+/// a program's name or part of a shell script, where it would run as a command.
+pub const PLACEHOLDERS: [(&str, bool); 9] = [
+    ("{client}", false),
+    ("{event}", false),
+    ("{provider}", false),
+    ("{failures}", false),
+    ("{error}", true),
+    ("{reason}", true),
+    ("{url}", true),
+    ("{user_code}", true),
+    ("{verification_uri}", true),
+];
+
+/// Shells whose `-c` argument is a script.
+const SHELLS: [&str; 8] = ["sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "fish"];
+
+/// Refuses, in a notification hook, text from outside as the program or inside a shell's
+/// script, where it would run as a command; it goes there through the `OAUTH2MCI_*` variables,
+/// which a script quotes (`"$OAUTH2MCI_REASON"`).
+pub fn check_hook(argv: &[String]) -> Result<(), String> {
+    let outside = |arg: &str| {
+        PLACEHOLDERS
+            .iter()
+            .find(|(p, from_outside)| *from_outside && arg.contains(p))
+            .map(|(p, _)| *p)
+    };
+    if argv[0].contains('{') && argv[0].contains('}') {
+        return Err(format!(
+            "the program {:?} may not hold a placeholder: name the program itself",
+            argv[0]
+        ));
+    }
+    let program = std::path::Path::new(&argv[0])
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    let shell = SHELLS.contains(&program)
+        || (program == "busybox" && argv.get(1).is_some_and(|a| SHELLS.contains(&a.as_str())));
+    if !shell {
+        return Ok(());
+    }
+    // The script is the argument after `-c` (or after options that include c, like `-ec`).
+    let script = argv
+        .iter()
+        .skip(1)
+        .skip_while(|a| !(a.starts_with('-') && !a.starts_with("--") && a.contains('c')))
+        .nth(1);
+    match script.and_then(|s| outside(s)) {
+        Some(p) => {
+            let var = format!(
+                "OAUTH2MCI_{}",
+                p.trim_matches(['{', '}']).to_ascii_uppercase()
+            );
+            Err(format!(
+                "{p} in a shell script would let a server's text run as a command; use \"${var}\" in the script instead"
+            ))
+        }
+        None => Ok(()),
+    }
+}
+
 /// A cron schedule, 5 fields (minute precision) or 6 (with seconds), checked by the same parser
 /// that will run it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,6 +302,37 @@ mod tests {
         assert_eq!(m.0, 0o640);
         let m: Result<FileMode, _> = serde_yaml::from_str("640");
         assert!(m.unwrap_err().to_string().contains("quoted octal"));
+    }
+
+    #[test]
+    fn outside_text_never_reaches_a_program_name_or_a_shell_script() {
+        let hook =
+            |argv: &[&str]| check_hook(&argv.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+        for ok in [
+            &["notify-send", "oauth2mci", "{client}: {reason}. Open {url}"][..],
+            &["sh", "-c", "notify-send \"$OAUTH2MCI_REASON\"", "{reason}"],
+            &["sh", "-c", "echo {client} failed {failures} times"],
+            &["logger", "-t", "oauth2mci", "{error}"],
+            &["/usr/bin/env", "bash", "script.sh", "{reason}"],
+        ] {
+            assert_eq!(hook(ok), Ok(()), "{ok:?}");
+        }
+        for (bad, fragment) in [
+            (&["{reason}"][..], "may not hold a placeholder"),
+            (
+                &["sh", "-c", "echo '{reason}' >> log"],
+                "\"$OAUTH2MCI_REASON\"",
+            ),
+            (&["/bin/bash", "-ec", "notify {url}"], "\"$OAUTH2MCI_URL\""),
+            (
+                &["busybox", "sh", "-c", "x {error}"],
+                "\"$OAUTH2MCI_ERROR\"",
+            ),
+            (&["zsh", "-c", "x {user_code}"], "OAUTH2MCI_USER_CODE"),
+        ] {
+            let e = hook(bad).unwrap_err();
+            assert!(e.contains(fragment), "{bad:?}: {e}");
+        }
     }
 
     #[test]

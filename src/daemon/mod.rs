@@ -154,27 +154,42 @@ impl OpenState {
     }
 }
 
+/// `filter` with the crates that narrate too much kept quiet unless named: the cron library
+/// its start-up at info. And notify never at trace, even when named: it logs every file event
+/// there, and a log written into a watched folder (the configuration's) would feed itself.
+fn quieted(filter: &str) -> String {
+    let targets = |directive: &str, target: &str| {
+        directive
+            .trim()
+            .strip_prefix(target)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['=', '[', ':']))
+    };
+    let mut out: Vec<String> = filter
+        .split(',')
+        .map(|directive| {
+            let trace = directive.trim().ends_with("=trace") || directive.trim() == "notify";
+            if targets(directive, "notify") && trace {
+                "notify=debug".to_string()
+            } else {
+                directive.to_string()
+            }
+        })
+        .collect();
+    for (noisy, level) in [("tokio_cron_scheduler", "warn"), ("notify", "info")] {
+        if !out.iter().any(|d| targets(d, noisy)) {
+            out.push(format!("{noisy}={level}"));
+        }
+    }
+    out.join(",")
+}
+
 fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("OAUTH2MCI_LOG")
         .ok()
         .or_else(|| config.log_level.clone())
         .unwrap_or_else(|| "info".into());
-    // Crates that narrate too much unless asked for by name: the cron library its start-up at
-    // info, notify every file event at trace (which, with the log written into the watched
-    // folder, would feed itself).
-    let mut filter = filter;
-    for (noisy, level) in [("tokio_cron_scheduler", "warn"), ("notify", "info")] {
-        let named = filter.split(',').any(|directive| {
-            directive
-                .trim()
-                .strip_prefix(noisy)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['=', '[', ':']))
-        });
-        if !named {
-            filter = format!("{filter},{noisy}={level}");
-        }
-    }
+    let filter = quieted(&filter);
     let filter = config::parse_log_filter(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -280,6 +295,7 @@ async fn serve(
     if let Some(mut cron) = cron {
         let _ = cron.shutdown().await;
     }
+    let bound = api.bound_socket();
     api.stop().await;
     watchdog.abort();
     // It saw the shutdown too; it holds the registry, which must go before the store closes.
@@ -293,11 +309,7 @@ async fn serve(
     let _ = children.await;
     let socket = registry.config().paths.socket.clone();
     drop(registry);
-    if let Err(e) = std::fs::remove_file(&socket)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!("cannot remove the socket {}: {e}", socket.display());
-    }
+    api::remove_socket_if_ours(&socket, bound);
     // Every commit was awaited, so this only lets the writer close the database cleanly.
     let joined = tokio::task::spawn_blocking(move || writer.join());
     if tokio::time::timeout(Duration::from_secs(5), joined)
@@ -347,40 +359,24 @@ fn watch_socket(
         config.socket.mode,
         config.socket.group.as_ref().map(|g| g.gid),
     );
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return;
-    };
-    let (dir, name) = (dir.to_path_buf(), name.to_os_string());
     let id = |p: &Path| {
         std::fs::symlink_metadata(p)
             .ok()
             .map(|m| (m.dev(), m.ino()))
     };
     let mut ours = id(&path);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    watches.on_event(Box::new(move |event| {
-        let relevant = match event {
-            Err(_) => true,
-            Ok(e) => names_come_or_go(e, &[&name]),
-        };
-        if relevant {
-            let _ = tx.send(());
-        }
-    }));
-    if let Err(e) = watches.watch(&dir) {
-        tracing::warn!("cannot watch {} for the socket file: {e}", dir.display());
-        return;
-    }
+    // Followed as the configuration is: the file, and the folders on the way to it (a runtime
+    // folder renamed away is seen too).
+    let (follower, mut rx) = crate::daemon::watch::follow(watches, path.clone());
     let rebinder = api.rebinder();
     let shutdown = registry.shutdown.clone();
     tokio::spawn(async move {
+        let _follower = follower;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 got = rx.recv() => if got.is_none() { return },
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            while rx.try_recv().is_ok() {}
             let now = id(&path);
             if now == ours && now.is_some() {
                 continue;
@@ -445,16 +441,23 @@ fn signal_handler(registry: Arc<Registry>) -> Result<signal_hook_tokio::Handle, 
     let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let handle = signals.handle();
+    // A SIGHUP while one waits to run is the same request: one more reload at most.
+    let queued = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(async move {
         while let Some(signal) = signals.next().await {
             if signal == SIGHUP {
+                if queued.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
                 tracing::info!("SIGHUP: reloading the configuration");
                 // In a task of its own: a SIGTERM during a slow reload (a secret command that
                 // hangs) is taken at once.
-                let registry = registry.clone();
+                let (registry, queued) = (registry.clone(), queued.clone());
                 tokio::spawn(async move {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
-                    let _ = registry.reload().await;
+                    let _ = registry
+                        .reload_after(|| queued.store(false, std::sync::atomic::Ordering::SeqCst))
+                        .await;
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
                 });
             } else {
@@ -660,5 +663,35 @@ async fn watchdog(shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => { let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]); }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn noisy_crates_are_kept_quiet_and_notify_never_traces() {
+        assert_eq!(
+            quieted("info"),
+            "info,tokio_cron_scheduler=warn,notify=info"
+        );
+        assert_eq!(
+            quieted("trace"),
+            "trace,tokio_cron_scheduler=warn,notify=info"
+        );
+        assert_eq!(
+            quieted("info,notify=trace"),
+            "info,notify=debug,tokio_cron_scheduler=warn"
+        );
+        assert_eq!(
+            quieted("notify,tokio_cron_scheduler=debug"),
+            "notify=debug,tokio_cron_scheduler=debug"
+        );
+        // Our own module named notify is not the crate.
+        assert_eq!(
+            quieted("oauth2mci::notify=trace"),
+            "oauth2mci::notify=trace,tokio_cron_scheduler=warn,notify=info"
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! Follows the configuration file however it is deployed, and says when it may have changed.
+//! Follows a file however it is deployed, and says when it may have changed: the configuration
+//! (to reload it) and the socket (to bind it again).
 //!
 //! A configuration is rarely a plain file in a plain folder: editors save by renaming a new file
 //! over it, GNU Stow and home-manager make it a link into another folder, Kubernetes mounts a
@@ -23,7 +24,7 @@ use tokio::sync::mpsc;
 /// Kubernetes write in bursts).
 pub const SETTLE: Duration = Duration::from_millis(300);
 
-/// What the follower watches for one configuration file.
+/// What the follower watches for one file.
 #[derive(Debug, Default, PartialEq)]
 pub struct Interest {
     /// Folders watched, with their identity when armed (device, inode).
@@ -230,7 +231,8 @@ pub fn follow(watches: &Watches, file: PathBuf) -> (Follower, mpsc::UnboundedRec
             }
             if lost {
                 tracing::warn!(
-                    "events about the configuration were lost; watching it again and reading it again"
+                    "events about {} were lost; watching it again and looking at it again",
+                    armed.file.display()
                 );
             }
             armed.arm(true);
@@ -292,7 +294,7 @@ impl Armed {
             };
             if again && replaced {
                 tracing::warn!(
-                    "the folder {} was removed or replaced; following the configuration {} there again",
+                    "the folder {} was removed or replaced; following {} there again",
                     folder.display(),
                     self.file.display()
                 );
@@ -307,8 +309,9 @@ impl Armed {
                     self.watched.insert(folder, id);
                 }
                 Err(e) => tracing::warn!(
-                    "cannot watch {} for changes to the configuration: {e}; SIGHUP or `oauth2mci reload` still reload it",
-                    folder.display()
+                    "cannot watch {} for changes to {}: {e}",
+                    folder.display(),
+                    self.file.display()
                 ),
             }
         }

@@ -211,6 +211,9 @@ struct ClientState {
     /// Since when the newest token is in memory only: the database refused it. No refresh
     /// that would replace its refresh token is sent until it is saved.
     unsaved: MaybeTime,
+    /// Until when the server asked to be left alone (Retry-After of the last failure): no
+    /// refresh is sent before, whoever asks.
+    server_wait_until: MaybeTime,
 }
 
 impl ClientState {
@@ -225,6 +228,7 @@ impl ClientState {
         clock: i64,
     ) {
         self.clock = MaybeTime::some(clock);
+        self.server_wait_until = MaybeTime::NONE;
         self.refresh_started_at = MaybeTime::NONE;
         self.interrupted_at = MaybeTime::NONE;
         self.generation = generation;
@@ -319,7 +323,7 @@ impl Client {
         let st = self.state();
         let t = st.token.as_ref()?;
         let held = saved_only && st.unsaved.get().is_some();
-        (!held && servable(&st, &cfg) && t.valid_for(now_ms(), min_valid)).then(|| t.clone())
+        (!held && servable(&st, &cfg) && t.serves(now_ms(), min_valid)).then(|| t.clone())
     }
 
     /// Why the token served is held in memory only, if it is.
@@ -699,7 +703,20 @@ impl Registry {
 
     /// Reads the configuration file again and applies it; a bad file changes nothing.
     pub async fn reload(self: &Arc<Self>) -> Result<Vec<String>, String> {
+        self.reload_after(|| {}).await
+    }
+
+    /// `reload`, calling `started` once it is this reload's turn (requests that come after it
+    /// need a reload of their own).
+    pub async fn reload_after(
+        self: &Arc<Self>,
+        started: impl FnOnce(),
+    ) -> Result<Vec<String>, String> {
         let _one_at_a_time = self.reload_lock.lock().await;
+        started();
+        if self.shutdown.is_cancelled() {
+            return Err("the daemon is stopping; the configuration is not read again".into());
+        }
         let previous = self.config();
         let loaded =
             tokio::task::spawn_blocking(move || crate::config::reload(&previous.file, &previous))
@@ -1133,7 +1150,7 @@ impl Registry {
             let mut st = client.state();
             let usable = servable(&st, &cfg);
             match (trigger, &st.token) {
-                (Trigger::Demand(min), Some(t)) if usable && t.valid_for(now, min) => {
+                (Trigger::Demand(min), Some(t)) if usable && t.serves(now, min) => {
                     return Ok(t.clone());
                 }
                 (Trigger::Scheduled | Trigger::Demand(_), Some(t))
@@ -1148,11 +1165,18 @@ impl Registry {
             if let Some(err) = self.cannot_refresh(&client.name, &st, &cfg) {
                 return Err(err);
             }
-            // A consumer asking again and again must not defeat the backoff.
-            if let (Trigger::Demand(_), Status::Retrying, Some(at)) =
-                (trigger, st.status, st.next_refresh_at.get())
-                && at > now
-            {
+            // A consumer asking again and again must not defeat the backoff, and nobody
+            // defeats a wait the server asked for (Retry-After).
+            let backoff = match (trigger, st.status, st.next_refresh_at.get()) {
+                (Trigger::Demand(_), Status::Retrying, Some(at)) => Some(at),
+                _ => None,
+            };
+            let wait = [backoff, st.server_wait_until.get()]
+                .into_iter()
+                .flatten()
+                .max()
+                .filter(|&at| at > now && !matches!(trigger, Trigger::Scheduled));
+            if let Some(at) = wait {
                 return Err(RegistryError::Server {
                     client: client.name.to_string(),
                     message: format!(
@@ -1544,6 +1568,12 @@ impl Registry {
                 }
                 ErrorClass::Transient | ErrorClass::Config => {
                     st.failures += 1;
+                    st.server_wait_until = e
+                        .retry_after
+                        .map(|wait| {
+                            now.saturating_add(wait.as_millis().min(i64::MAX as u128) as i64)
+                        })
+                        .into();
                     st.status = Status::Retrying;
                     let delay = scheduler::retry_delay(
                         &cfg.refresh,
@@ -2406,6 +2436,7 @@ fn new_client(cfg: Arc<ClientConfig>, stored: Option<Stored>) -> Arc<Client> {
         refresh_started_at: MaybeTime::NONE,
         interrupted_at: MaybeTime::NONE,
         unsaved: MaybeTime::NONE,
+        server_wait_until: MaybeTime::NONE,
     };
     if let Some(s) = stored {
         st.fingerprint = s.row.fingerprint;

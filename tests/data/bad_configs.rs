@@ -209,6 +209,8 @@
     ("notify:\n  error_after: 0\nclients: {}\n", "2:16", "notify.error_after: expected a whole number from 1 to 1000, found 0"),
     ("socket:\n  mode: \"0666\"\nclients: {}\n", "2:9", "gives access to every user on the machine"),
     ("history:\n  prune: \"every day\"\nclients: {}\n", "2:10", "expected a cron schedule"),
+    ("notify:\n  on_error: [sh, -c, \"echo '{reason}' >> /tmp/log\"]\nclients: {}\n", "2:13", "{reason} in a shell script would let a server's text run as a command; use \"$OAUTH2MCI_REASON\""),
+    ("notify:\n  on_refresh: [\"{url}\"]\nclients: {}\n", "2:15", "the program \"{url}\" may not hold a placeholder"),
     ("clients:\n  a:\n    client_id: x\n    grant: password\n", "4:12", "unknown variant `password`"),
     ("clients:\n  a/b: {client_id: x}\n", "2:3", "client name \"a/b\""),
     ("clients:\n  a:\n    client_id: x\n    provider: {token_url: \"https://t/\", authorize_url: \"https://a/\"}\n    sinks: [{path: ../../etc/cron.d/x}]\n", "5:20", "climbs out of the runtime directory"),

@@ -63,9 +63,16 @@ fn configurations_past_the_limits_are_refused_in_bounded_time_and_memory() {
             "a",
             &format!(
                 "    scopes: [&big \"{}\", {}]\n",
-                "x".repeat(2 << 20),
-                vec!["*big"; 20].join(", ")
+                "x".repeat(512 << 10),
+                vec!["*big"; 100].join(", ")
             )
+        )
+    );
+    let huge_scalar = format!(
+        "{prefix}{}",
+        client(
+            "a",
+            &format!("    client_secret: {}\n", "x".repeat(2 << 20))
         )
     );
     let deep_flow = format!(
@@ -95,9 +102,14 @@ fn configurations_past_the_limits_are_refused_in_bounded_time_and_memory() {
             "anchors and aliases expand the file",
         ),
         (
-            "a 2 MiB scalar aliased 20 times",
+            "a 512 KiB scalar aliased 100 times",
             long_scalar,
             "MiB of text",
+        ),
+        (
+            "a 2 MiB plain scalar",
+            huge_scalar,
+            "a value longer than 1 MiB",
         ),
         (
             "500,000 open brackets",

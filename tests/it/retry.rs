@@ -79,7 +79,7 @@ async fn a_refused_client_is_told_once_and_never_hammers_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let notes = dir.path().join("notes");
     let settings = format!(
-        "notify:\n  on_error: [\"sh\", \"-c\", \"echo {{client}}: {{error}} >> {}\"]\n",
+        "notify:\n  on_error: [\"sh\", \"-c\", \"echo {{client}}: \\\"$OAUTH2MCI_ERROR\\\" >> {}\"]\n",
         notes.display()
     );
     let clients = format!(
