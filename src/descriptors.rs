@@ -24,6 +24,32 @@ pub fn raise_limit() -> u64 {
     soft
 }
 
+/// Marks every descriptor the daemon inherited beyond stdin, stdout and stderr close-on-exec:
+/// a shell or a supervisor may leave files, pipes or sockets open, and a hook or secret command
+/// the daemon starts must not receive them (one could hold a lock or another user's socket).
+/// The daemon's own descriptors are opened close-on-exec already; the inherited ones stay open
+/// for the daemon itself, which may not know what they are for.
+pub fn keep_inherited_from_children() {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    use std::os::fd::BorrowedFd;
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: only the flags of a descriptor number are changed, nothing is read or closed;
+        // a number that closed since it was listed (the listing's own) fails with EBADF.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        if let Ok(flags) = fcntl(borrowed, FcntlArg::F_GETFD) {
+            let flags = FdFlag::from_bits_truncate(flags) | FdFlag::FD_CLOEXEC;
+            let _ = fcntl(borrowed, FcntlArg::F_SETFD(flags));
+        }
+    }
+}
+
 /// The soft limit on open files in force.
 pub fn soft_limit() -> u64 {
     getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)

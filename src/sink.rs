@@ -61,7 +61,7 @@ pub fn render(format: SinkFormat, client: &str, token: &TokenSet) -> Result<Stri
             Ok(format!("{v}\n"))
         }
         SinkFormat::Env => {
-            let prefix = env_prefix(client);
+            let prefix = crate::config::values::env_prefix(client);
             let mut out = format!(
                 "{prefix}_ACCESS_TOKEN={}\n{prefix}_TOKEN_TYPE={}\n",
                 env_quoted(at)?,
@@ -72,26 +72,6 @@ pub fn render(format: SinkFormat, client: &str, token: &TokenSet) -> Result<Stri
             }
             Ok(out)
         }
-    }
-}
-
-/// The variables' prefix: the client's name in capitals, anything but letters and digits as `_`
-/// (a name may start with a digit, which no variable may).
-fn env_prefix(client: &str) -> String {
-    let name: String = client
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if name.starts_with(|c: char| c.is_ascii_digit()) {
-        format!("_{name}")
-    } else {
-        name
     }
 }
 

@@ -270,22 +270,38 @@ fn check_chars(
 }
 
 /// Text served beside a token (a scope, a kept field): anything but control characters and line
-/// breaks, which would break a log line, a header or an `env` file.
+/// breaks, which would break a log line, a header or an `env` file, and the invisible marks that
+/// reorder or hide what a terminal shows (a "Trojan Source" scope could read as another).
 fn check_text(text: &str, field: &str) -> Result<(), String> {
     if text.len() > MAX_KEPT_BYTES {
         return Err(format!("{field} is longer than {MAX_KEPT_BYTES} bytes"));
     }
-    match text
-        .char_indices()
-        .find(|(_, c)| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
-    {
+    match text.char_indices().find(|(_, c)| misleads_a_reader(*c)) {
         None => Ok(()),
-        Some((i, c)) => Err(format!(
+        Some((i, c)) if c.is_control() => Err(format!(
             "{field} holds the control character U+{:04X} at byte {}",
             c as u32,
             i + 1
         )),
+        Some((i, c)) => Err(format!(
+            "{field} holds the invisible formatting character U+{:04X} at byte {}",
+            c as u32,
+            i + 1
+        )),
     }
+}
+
+/// Control characters, line and paragraph separators, direction marks and overrides, and the
+/// zero-width characters and byte-order mark.
+fn misleads_a_reader(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{2069}'
+                | '\u{FEFF}'
+        )
 }
 
 fn check_value(value: &Value, key: &str) -> Result<(), String> {
@@ -447,7 +463,17 @@ mod tests {
                 .unwrap_err()
                 .starts_with("scope")
         );
-        t.scope = Some("a b c".into());
+        for hidden in [
+            "\u{202E}", "\u{2066}", "\u{200B}", "\u{200F}", "\u{FEFF}", "\u{2069}",
+        ] {
+            t.scope = Some(format!("read{hidden} admin"));
+            let e = check_token_bytes(&t, TokenChars::B64token).unwrap_err();
+            assert!(
+                e.starts_with("scope holds the invisible formatting character U+"),
+                "{hidden:?}: {e}"
+            );
+        }
+        t.scope = Some("a b c lecture:écrire 読む".into());
         assert_eq!(check_token_bytes(&t, TokenChars::B64token), Ok(()));
         for bad in [
             serde_json::json!("line\nbreak"),

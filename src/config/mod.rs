@@ -1058,14 +1058,37 @@ fn parse_announcing(
 
 /// Which client writes each sink path: two may not write the same file.
 #[derive(Default)]
-struct SinkOwners(HashMap<PathBuf, (Arc<str>, usize)>);
+struct SinkOwners {
+    paths: HashMap<PathBuf, (Arc<str>, usize)>,
+    /// The clients with an `env` token file, by the prefix of its variables: two clients whose
+    /// names differ only in case or punctuation would set the same variables, and a program
+    /// that reads both files would quietly get one client's token for the other's.
+    env_prefixes: HashMap<String, Arc<str>>,
+}
 
 impl SinkOwners {
     /// Claims `client`'s sinks; taken in file order, the error names the later client.
     fn claim(&mut self, resolver: &Resolver, client: &ClientConfig) -> Result<(), ConfigError> {
         for (i, sink) in client.sinks.iter().enumerate() {
+            if sink.format == SinkFormat::Env {
+                let prefix = values::env_prefix(&client.name);
+                match self.env_prefixes.get(&prefix) {
+                    Some(other) if *other != client.name => {
+                        return Err(resolver.error(
+                            &["clients", &client.name, "sinks", &i.to_string(), "format"],
+                            format!(
+                                "its variables would be named {prefix}_ACCESS_TOKEN and so on, as clients.{other}'s are: rename one of the clients"
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.env_prefixes.insert(prefix, client.name.clone());
+                    }
+                }
+            }
             let owner = (client.name.clone(), i);
-            if let Some((other, j)) = self.0.insert(sink.path.clone(), owner) {
+            if let Some((other, j)) = self.paths.insert(sink.path.clone(), owner) {
                 return Err(resolver.error(
                     &["clients", &client.name, "sinks", &i.to_string(), "path"],
                     format!(
@@ -1516,16 +1539,36 @@ impl<'a> Resolver<'a> {
     /// for a folder others could write: by what the paths lead to, not by their text.
     fn protect(&self, config: &mut Config) -> Result<(), ConfigError> {
         use crate::files::{FileId, Folder, Place, Protected};
+        // Whoever can write the state folder can swap the database (and its refresh tokens);
+        // whoever can write the socket's folder can put a socket of their own in its place.
+        if config.strict_modes {
+            let socket_folder = config.paths.socket.parent().unwrap_or(Path::new("/"));
+            let socket_named = if socket_folder == config.paths.runtime_dir {
+                "runtime"
+            } else {
+                "socket"
+            };
+            for (folder, at) in [
+                (config.paths.state_dir.as_path(), "state"),
+                (socket_folder, socket_named),
+            ] {
+                crate::files::folder_is_safe(folder).map_err(|m| {
+                    self.error(
+                        &["paths", at],
+                        format!(
+                            "{}; use a folder only this user can write, or set strict_modes: false",
+                            m.replace("a token file", "the daemon's files")
+                        ),
+                    )
+                })?;
+            }
+        }
         let db = config.paths.database();
         let beside = |suffix: &str| PathBuf::from(format!("{}{suffix}", db.display()));
         // The folder is protected whole; its files by name too, so that a hard link to one of
         // them, anywhere, is found.
         let mut files = vec![
             (config.file.clone(), "the configuration".to_string()),
-            (
-                config.paths.socket.clone(),
-                "the daemon's own socket".to_string(),
-            ),
             (db.clone(), "the database".to_string()),
             (beside("-wal"), "the database's write-ahead log".to_string()),
             (beside("-shm"), "the database's shared memory".to_string()),
@@ -1559,14 +1602,9 @@ impl<'a> Resolver<'a> {
             }
         }
         // The socket is bound in place of what is at its path: none of the daemon's own files.
-        let others: Vec<(PathBuf, String)> = files
-            .iter()
-            .filter(|(path, _)| *path != config.paths.socket)
-            .cloned()
-            .collect();
         let place =
             Place::of(&config.paths.socket).map_err(|m| self.error(&["paths", "socket"], m))?;
-        let clash = Protected::new(others, folders.clone())
+        let clash = Protected::new(files.clone(), folders.clone())
             .clash(&place)
             .map(|what| format!("would replace {what}"));
         let not_a_socket = match place.existing {
@@ -1582,6 +1620,10 @@ impl<'a> Resolver<'a> {
                 format!("{}: it {m}", config.paths.socket.display()),
             ));
         }
+        files.push((
+            config.paths.socket.clone(),
+            "the daemon's own socket".to_string(),
+        ));
         let protected = Protected::new(files, folders);
         let mut by_entry: HashMap<(Folder, std::ffi::OsString), (Arc<str>, usize)> = HashMap::new();
         let mut by_file: HashMap<FileId, (Arc<str>, usize)> = HashMap::new();
@@ -1955,10 +1997,22 @@ impl<'a> Resolver<'a> {
                 Some(g) => Some(self.group(&["clients", name, "sinks", &index, "group"], &g.0)?),
                 None => None,
             };
+            let mode = s.mode.map_or(0o600, |m| m.0);
+            // A token file is read, never run, and only the daemon writes it: a group that may
+            // write could truncate it under a reader, and execute bits say something is wrong.
+            if mode & 0o131 != 0 {
+                let p = ["clients", name, "sinks", &index, "mode"];
+                return Err(self.error(
+                    &p,
+                    format!(
+                        "mode \"{mode:04o}\" lets the group write or anyone run the token file; use \"0600\" or \"0640\""
+                    ),
+                ));
+            }
             sinks.push(SinkConfig {
                 path,
                 format: s.format,
-                mode: s.mode.map_or(0o600, |m| m.0),
+                mode,
                 group,
                 strict: s.strict_modes.unwrap_or(settings.strict_modes),
             });

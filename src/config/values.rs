@@ -123,6 +123,26 @@ impl<'de> Deserialize<'de> for FileMode {
     }
 }
 
+/// The prefix of an `env` token file's variables: the client's name in capitals, anything but letters and digits as `_`
+/// (a name may start with a digit, which no variable may).
+pub fn env_prefix(client: &str) -> String {
+    let name: String = client
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if name.starts_with(|c: char| c.is_ascii_digit()) {
+        format!("_{name}")
+    } else {
+        name
+    }
+}
+
 /// Longest client name: it appears in URLs, file names and environment variable names.
 pub const MAX_CLIENT_NAME: usize = 64;
 

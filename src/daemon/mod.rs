@@ -38,8 +38,10 @@ pub fn run(config_file: &Path) -> Result<(), DaemonError> {
     let begun = std::time::Instant::now();
     // Until the runtime's handler takes over (`serve`): a secret command may run meanwhile.
     let early = crate::children::StopGuard::install();
-    // First: every share of the descriptors is taken from the raised limit.
+    // First: every share of the descriptors is taken from the raised limit, and nothing the
+    // daemon inherited reaches the programs it starts.
     crate::descriptors::raise_limit();
+    crate::descriptors::keep_inherited_from_children();
     // With many clients, the store is opened and read while the clients are: both take long.
     let mut opening = None;
     let mut logging = false;

@@ -1125,11 +1125,21 @@ fn token_from_fields(
         Some(Value::String(s)) => Some(s.clone()),
         Some(Value::Array(a)) => Some(
             a.iter()
-                .filter_map(Value::as_str)
-                .collect::<Vec<_>>()
+                .map(|v| {
+                    v.as_str()
+                        .ok_or_else(|| format!("scope is a list holding {}, not text", kind(v)))
+                })
+                .collect::<Result<Vec<_>, _>>()?
                 .join(" "),
         ),
-        _ => None,
+        // Some servers answer `"scope": null` for "what you asked".
+        None | Some(Value::Null) => None,
+        Some(other) => {
+            return Err(format!(
+                "scope is {}, not the space-separated text RFC 6749 section 5.1 asks for",
+                kind(other)
+            ));
+        }
     };
     let mut extra = Map::new();
     for path in &profile.keep_fields {
@@ -1260,6 +1270,31 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.scope.as_deref(), Some("x y"));
+        let t = read(
+            "generic",
+            200,
+            JSON,
+            br#"{"access_token":"a","scope":null}"#,
+        )
+        .unwrap();
+        assert_eq!(t.scope, None);
+        for (body, why) in [
+            (
+                &br#"{"access_token":"a","scope":7}"#[..],
+                "scope is a number",
+            ),
+            (
+                br#"{"access_token":"a","scope":{"x":1}}"#,
+                "scope is an object",
+            ),
+            (
+                br#"{"access_token":"a","scope":["x",1]}"#,
+                "a list holding a number",
+            ),
+        ] {
+            let e = read("generic", 200, JSON, body).unwrap_err();
+            assert!(e.message.contains(why), "{}", e.message);
+        }
     }
 
     #[test]

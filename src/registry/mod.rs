@@ -36,6 +36,10 @@ use url::Url;
 const IDENTITY_CHANGED: &str =
     "client_id, token URL, scopes or grant changed: its tokens were issued for another identity";
 
+/// How a failure to write a token file starts as a client's last error, so that a later
+/// complete write knows the error it clears is its own.
+const SINK_ERROR: &str = "cannot write a token file: ";
+
 /// Where a client stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -1677,6 +1681,8 @@ impl Registry {
         self.tell(client, notice);
     }
 
+    /// Writes the client's token files, noting a failure as its last error until a later write
+    /// of every file succeeds.
     async fn write_sinks(&self, name: &str, sinks: Vec<SinkConfig>, token: TokenSet) {
         if sinks.is_empty() {
             return;
@@ -1690,15 +1696,28 @@ impl Registry {
                 .collect::<Vec<_>>()
         })
         .await;
-        let errors = match outcome {
+        let errors: Vec<String> = match outcome {
             Ok(errors) => errors.into_iter().map(|e| e.to_string()).collect(),
             Err(e) => vec![format!("sink writer failed: {e}")],
         };
+        if errors.is_empty() {
+            // Every file written: an earlier failure to write one is over.
+            if let Some(c) = self.client(name) {
+                let mut st = c.state();
+                if st
+                    .last_error
+                    .as_ref()
+                    .is_some_and(|e| e.starts_with(SINK_ERROR))
+                {
+                    st.last_error = None;
+                }
+            }
+        }
         for e in errors {
             self.counters.sink_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(client = %name, "cannot write token file: {e}");
+            tracing::error!(client = %name, "{SINK_ERROR}{e}");
             if let Some(c) = self.client(name) {
-                c.state().last_error = Some(e);
+                c.state().last_error = Some(format!("{SINK_ERROR}{e}"));
             }
         }
     }

@@ -490,6 +490,9 @@ fn open_connection(path: &Path, create: bool) -> Result<Connection, StoreError> 
     let conn = Connection::open(path).map_err(|e| fail(e.to_string()))?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(|e| fail(e.to_string()))?;
+    if create {
+        refuse_a_stranger(&conn, path).map_err(fail)?;
+    }
     conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
         .map_err(|e| fail(unreadable(&e, path).unwrap_or_else(|| e.to_string())))?;
     if create {
@@ -506,11 +509,50 @@ fn damaged_message(path: &Path, what: &str) -> String {
     )
 }
 
+/// SQLite's message for a log line: its own messages may quote SQL across lines.
+fn one_line(e: &rusqlite::Error) -> String {
+    e.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The message for a file SQLite cannot read as a database at all.
 fn unreadable(e: &rusqlite::Error, path: &Path) -> Option<String> {
     use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
     matches!(e.sqlite_error_code(), Some(NotADatabase | DatabaseCorrupt))
         .then(|| damaged_message(path, &e.to_string()))
+}
+
+/// Refuses a database oauth2mci never touched but something else filled, before anything is
+/// written to it (even the switch to WAL): adding our tables would mix two programs' data, and a
+/// later "move it aside" would take theirs too.
+fn refuse_a_stranger(conn: &Connection, path: &Path) -> Result<(), String> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| unreadable(&e, path).unwrap_or_else(|| one_line(&e)))?;
+    if version != 0 {
+        return Ok(());
+    }
+    let mut found = conn
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name LIMIT 4",
+        )
+        .and_then(|mut q| {
+            q.query_map([], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()
+        })
+        .map_err(|e| unreadable(&e, path).unwrap_or_else(|| one_line(&e)))?;
+    if !found.is_empty() {
+        if found.len() == 4 {
+            found[3] = "...".into();
+        }
+        return Err(format!(
+            "it is a database oauth2mci did not make (it holds {}); point paths.state at a folder of the daemon's own",
+            found.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 fn migrate(conn: &Connection, path: &Path) -> Result<(), String> {
@@ -530,7 +572,7 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), String> {
         );
         conn.execute_batch(&batch).map_err(|e| {
             let _ = conn.execute_batch("ROLLBACK");
-            format!("migration to schema {} failed: {e}", i + 1)
+            format!("migration to schema {} failed: {}", i + 1, one_line(&e))
         })?;
     }
     Ok(())
@@ -1388,5 +1430,35 @@ mod tests {
         drop(conn);
         let e = Store::open(&path, Sealer::clear()).err().unwrap();
         assert!(e.to_string().contains("newer oauth2mci"), "{e}");
+    }
+
+    #[test]
+    fn refuses_another_programs_database_and_leaves_it_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE moz_cookies (id INTEGER); CREATE INDEX by_id ON moz_cookies(id);",
+        )
+        .unwrap();
+        drop(conn);
+        let e = Store::open(&path, Sealer::clear())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("a database oauth2mci did not make (it holds by_id, moz_cookies)"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
+        let conn = Connection::open(&path).unwrap();
+        let tables: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(tables, 2, "nothing was added to it");
+        let journal: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(journal, "delete", "not even switched to WAL");
     }
 }

@@ -206,3 +206,44 @@ async fn a_secret_command_runs_once_per_load_and_sigterm_beats_a_hanging_one() {
         || gone(command),
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptors_the_daemon_inherited_never_reach_a_hook() {
+    let server = fixed_token_endpoint("tok").await;
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("seen");
+    let inherited = dir.path().join("inherited");
+    std::fs::write(&inherited, "a file a supervisor left open").unwrap();
+    let settings = format!(
+        "notify:\n  on_refresh: {}\n",
+        sh(&format!(
+            "for fd in 7 8; do if [ -e /proc/$$/fd/$fd ]; then echo \"$fd open\"; else echo \"$fd closed\"; fi; done > {}",
+            seen.display()
+        ))
+    );
+    let clients = format!(
+        "  a:\n    provider: {{token_url: \"{}/token\"}}\n    grant: client_credentials\n    client_id: a\n    client_secret: s\n",
+        server.uri()
+    );
+    let mut daemon = Daemon::prepare(&settings, &clients);
+    // A shell that leaves a file (7) and a pipe's end (8) open, as supervisors and shells do.
+    daemon.launcher = [
+        "sh",
+        "-c",
+        "exec 7<\"$0\" 8>/dev/null; exec \"$@\"",
+        inherited.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    daemon.spawn();
+    wait_for("the hook's report", Duration::from_secs(15), || {
+        std::fs::read_to_string(&seen).is_ok_and(|t| t.lines().count() == 2)
+    });
+    // The daemon itself still holds them: only its children are kept from them.
+    let fd7 = std::fs::read_link(format!("/proc/{}/fd/7", daemon.pid())).unwrap();
+    assert_eq!(fd7, inherited);
+    assert_eq!(
+        std::fs::read_to_string(&seen).unwrap(),
+        "7 closed\n8 closed\n"
+    );
+}

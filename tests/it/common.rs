@@ -170,6 +170,9 @@ pub struct Daemon {
     pub log: PathBuf,
     /// Set in the daemon's environment, besides the harness's own.
     pub env: Vec<(String, String)>,
+    /// A program and arguments that run the daemon's command line (`sh -c 'exec "$@"'`), as a
+    /// supervisor does; empty: it is started directly.
+    pub launcher: Vec<String>,
     child: Option<Child>,
 }
 
@@ -195,6 +198,7 @@ impl Daemon {
             config,
             dir,
             env: Vec::new(),
+            launcher: Vec::new(),
             child: None,
         }
     }
@@ -209,7 +213,15 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(BIN)
+        let mut command = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = command
             .args(["daemon", "--config"])
             .arg(&self.config)
             .env("OAUTH2MCI_LOG", "oauth2mci=debug,info")

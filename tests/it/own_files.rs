@@ -247,3 +247,119 @@ async fn a_folder_swapped_after_loading_cannot_redirect_a_write_or_a_removal() {
         "the daemon serves on"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_that_could_not_be_written_is_reported_until_it_is() {
+    let server = fixed_token_endpoint("sink-token").await;
+    let clients = |mode: &str| {
+        format!(
+            "  a:\n    provider: {{token_url: \"{}/token\"}}\n    grant: client_credentials\n    client_id: a\n    client_secret: s\n    sinks: [{{path: a.token, mode: \"{mode}\"}}]\n",
+            server.uri()
+        )
+    };
+    let daemon = Daemon::start("", &clients("0600"));
+    let file = daemon.path("run/a.token");
+    wait_for("the token file", Duration::from_secs(10), || file.exists());
+    // A folder where the file was: no rename can replace it, not even root's.
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    let o = daemon.cli(&["refresh", "a"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let error = daemon.client("a")["last_error"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(error.starts_with("cannot write a token file: "), "{error}");
+    // The folder goes; the next write, here one a reload makes, clears the error.
+    std::fs::remove_dir(&file).unwrap();
+    let yaml = daemon.config_text().replace("0600", "0640");
+    daemon.rewrite_config(&yaml);
+    wait_for("the file written again", Duration::from_secs(10), || {
+        file.is_file() && mode_of(&file) == 0o640
+    });
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "sink-token\n");
+    wait_for("the error cleared", Duration::from_secs(5), || {
+        daemon.client("a")["last_error"].is_null()
+    });
+    assert_eq!(daemon.status_of("a"), "valid");
+}
+
+/// The socket is bound where its path says, in place of a stale socket: never in place of the
+/// database, a token file or a stranger's file, and at shutdown only the daemon's own is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_never_replaces_a_file_and_removes_only_its_own() {
+    let server = fixed_token_endpoint("sock-token").await;
+    let clients = format!(
+        "  a:\n    provider: {{token_url: \"{}/token\"}}\n    grant: client_credentials\n    client_id: a\n    client_secret: s\n    sinks: [{{path: a.token}}]\n",
+        server.uri()
+    );
+    let mut daemon = Daemon::start("", &clients);
+    let db = daemon.path("state/state.db");
+    wait_for("the token file", Duration::from_secs(10), || {
+        daemon.path("run/a.token").exists()
+    });
+    let held = fingerprint(&db);
+    let check = |socket: &str| {
+        let yaml = daemon.config_text().replacen(
+            "  runtime: run\n",
+            &format!("  runtime: run\n  socket: {socket}\n"),
+            1,
+        );
+        let file = daemon.path("other.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        let o = std::process::Command::new(BIN)
+            .arg("check-config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{socket}: {}", stdout(&o));
+        stderr(&o)
+    };
+    for (socket, why) in [
+        ("state/state.db", "would replace a file in the state folder"),
+        (
+            "state//./state.db-wal",
+            "would replace a file in the state folder",
+        ),
+        (
+            "state/../state/lock",
+            "would replace a file in the state folder",
+        ),
+        ("run/a.token", "is a regular file, not a socket"),
+        ("other.yaml", "would replace the configuration"),
+        ("config.yaml", "is a regular file, not a socket"),
+    ] {
+        let e = check(socket);
+        assert!(
+            e.contains(why) && e.contains("paths.socket"),
+            "{socket}: {e}"
+        );
+    }
+    assert_eq!(fingerprint(&db), held);
+
+    // A stranger's file put at the socket's path while the daemon runs is left as it is at
+    // shutdown, and so is a socket someone else bound there.
+    std::fs::remove_file(&daemon.socket).unwrap();
+    std::fs::write(&daemon.socket, "not the daemon's").unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(&daemon.socket).unwrap(),
+        "not the daemon's"
+    );
+    // And a start-up with that file there refuses instead of removing it.
+    let o = std::process::Command::new(BIN)
+        .arg("check-config")
+        .arg(&daemon.config)
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&o).contains("is a regular file, not a socket"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&daemon.socket).unwrap(),
+        "not the daemon's"
+    );
+}

@@ -43,6 +43,11 @@ async fn backoff_honours_retry_after_and_recovers() {
         stderr(&o)
     );
     assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    // Nor does a manual refresh: the server asked for the wait.
+    let o = daemon.cli(&["refresh", "reports"]);
+    assert_ne!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert!(stderr(&o).contains("next attempt in"), "{}", stderr(&o));
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
 
     wait_for("recovery", Duration::from_secs(20), || {
         daemon.status_of("reports") == "valid"
@@ -211,4 +216,44 @@ async fn a_client_without_a_user_backs_off_on_invalid_grant() {
             .unwrap()
             .contains("invalid_grant")
     );
+}
+
+/// A consumer asking for a token valid longer than the server ever grants gets one valid for
+/// half its lifetime or more, with a warning, instead of a refresh on every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asking_for_more_than_the_server_grants_does_not_refresh_every_time() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "access_token": "short-lived", "token_type": "Bearer", "expires_in": 600
+        })))
+        .mount(&server)
+        .await;
+    let clients = format!(
+        "  short:\n    provider: {{token_url: \"{}/token\"}}\n    grant: client_credentials\n    client_id: short\n    client_secret: s\n",
+        server.uri()
+    );
+    let daemon = Daemon::start("", &clients);
+    wait_for("the first token", Duration::from_secs(10), || {
+        daemon.status_of("short") == "valid"
+    });
+    for _ in 0..20 {
+        let o = daemon.cli(&["token", "short", "--min-valid", "2h"]);
+        assert_eq!(stdout(&o), "short-lived\n", "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("the server grants tokens valid for 10m"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    let (code, reply) = daemon
+        .get("/v1/clients/short/token?min_valid=7200")
+        .unwrap();
+    assert_eq!(code, 200, "{reply}");
+    assert!(
+        reply["warning"].as_str().unwrap_or("").contains("10m"),
+        "{reply}"
+    );
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
 }
